@@ -1,0 +1,1 @@
+"""A local, faithful stand-in for the vendor's DICOM ingestion REST API."""
