@@ -1,0 +1,102 @@
+"""Settings of a sandbox run: network, credentials and the clocks of the vendor's rules."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+
+DEMO_CLIENT_ID = "demo-client"
+DEMO_CLIENT_SECRET = "demo-secret"
+DEMO_ADMIN_TOKEN = "demo-admin"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+DEFAULT_DATA_DIR = Path(".sandbox-data")
+DEFAULT_REQUIRED_METADATA = ("patient_age", "patient_sex")
+READY_PREFIX = "sandbox ready:"
+UPLOAD_CONTENT_TYPE = "application/dicom"
+CLIENT_SECRET_ENV = "DICOM_INGEST_SANDBOX_CLIENT_SECRET"
+ADMIN_TOKEN_ENV = "DICOM_INGEST_SANDBOX_ADMIN_TOKEN"
+
+_FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+Seconds = Annotated[float, Field(ge=0)]
+
+
+class Clocks(BaseModel):
+    """Hold the rule clocks and the required metadata, all changeable while the sandbox runs.
+
+    Times are seconds. ``token_ttl`` and ``url_ttl`` are whole seconds because a SigV4
+    presigned URL can only carry whole seconds.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token_ttl: PositiveInt = 3600
+    url_ttl: PositiveInt = 900
+    metadata_deadline: PositiveFloat = 900.0
+    overwrite_window: Seconds = 300.0
+    quiet_period: Seconds = 60.0
+    processing_time: Seconds = 5.0
+    required_metadata: tuple[str, ...] = DEFAULT_REQUIRED_METADATA
+
+    @field_validator("required_metadata", mode="before")
+    @classmethod
+    def _split_field_list(cls, value: Any) -> Any:
+        """Accept ``"a,b"`` as well as a list; an empty string means no required field."""
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("required_metadata")
+    @classmethod
+    def _check_field_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Reject names that are not lower-case identifiers, and drop repeats."""
+        for name in value:
+            if not _FIELD_NAME.match(name):
+                raise ValueError(f"metadata field names are lower-case identifiers, got {name!r}")
+        return tuple(dict.fromkeys(value))
+
+    def updated(self, changes: dict[str, Any]) -> Clocks:
+        """Return a validated copy with ``changes`` applied.
+
+        :param changes: field names and new values; unknown names are rejected.
+        """
+        return Clocks.model_validate({**self.model_dump(), **changes})
+
+
+class SandboxSettings(BaseModel):
+    """Hold everything a sandbox run needs; built from the command line."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = DEFAULT_HOST
+    port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_PORT
+    data_dir: Path = DEFAULT_DATA_DIR
+    client_id: Annotated[str, Field(min_length=1)] = DEMO_CLIENT_ID
+    client_secret: Annotated[str, Field(min_length=1)] = DEMO_CLIENT_SECRET
+    admin_token: Annotated[str, Field(min_length=1)] = DEMO_ADMIN_TOKEN
+    clocks: Clocks = Clocks()
+    scan_interval: PositiveFloat = 0.1
+    tick_interval: PositiveFloat = 0.1
+
+    @property
+    def uses_demo_credentials(self) -> bool:
+        """Tell whether the credentials are the published demo ones (safe to print)."""
+        return (self.client_id, self.client_secret, self.admin_token) == (
+            DEMO_CLIENT_ID,
+            DEMO_CLIENT_SECRET,
+            DEMO_ADMIN_TOKEN,
+        )
+
+    @property
+    def audit_path(self) -> Path:
+        """Return the JSON-lines audit log's path."""
+        return self.data_dir / "audit.jsonl"
+
+    @property
+    def store_root(self) -> Path:
+        """Return the folder the object store serves; each sub-folder is a bucket."""
+        return self.data_dir / "store"
