@@ -1,0 +1,123 @@
+"""Benchmark the staging scan against a bare pydicom header-reading loop.
+
+Generates 20,000 small DICOM files (200 studies of 100 instances) in a temporary folder, then
+times, three times each and interleaved:
+
+- ``bare``: ``pydicom.dcmread(path, stop_before_pixels=True)`` for every file, in walk order;
+- ``scan``: the staging scan (listing, classification with truncation checks, order metadata
+  from tags, the SQLite catalog, duplicate detection);
+- ``plan``: the whole :func:`~dicom_ingest.staging.plan.build_plan` (scan, grouping, metadata,
+  batch files written to a work folder).
+
+Prints each run, the medians, files per second, the ratio of each to the bare loop, and the
+process's peak resident memory. Run it with ``uv run python bench/bench_scan.py [--files N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # the file generator lives with the tests
+
+from dicom_ingest.staging.catalog import ScanCatalog  # noqa: E402
+from dicom_ingest.staging.options import StagingOptions  # noqa: E402
+from dicom_ingest.staging.plan import build_plan  # noqa: E402
+from dicom_ingest.staging.scan import scan_staging  # noqa: E402
+from dicom_ingest.staging.source import StagingSource  # noqa: E402
+from tests.staging.factory import clone_study  # noqa: E402
+
+INSTANCES_PER_STUDY = 100
+RUNS = 3
+
+
+def bare_loop(root: Path) -> int:
+    """Read every file's header with pydicom alone; return the number of files."""
+    count = 0
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(names):
+            pydicom.dcmread(os.path.join(folder, name), stop_before_pixels=True)
+            count += 1
+    return count
+
+
+def staging_scan(root: Path, scratch: Path) -> int:
+    """Scan with the staging code into a fresh catalog; return the number of files classified."""
+    catalog_path = scratch / "bench.sqlite"
+    catalog_path.unlink(missing_ok=True)
+    catalog = ScanCatalog(catalog_path)
+    try:
+        totals = scan_staging(StagingSource.from_uri(str(root)), StagingOptions(), catalog)
+    finally:
+        catalog.close()
+    return totals.classified
+
+
+def whole_plan(root: Path, work: Path) -> int:
+    """Build and write the whole plan; return the number of planned instances."""
+    plan = build_plan(str(root), str(work), StagingOptions())
+    return sum(batch.instances for batch in plan.batches)
+
+
+def peak_rss_mib() -> float:
+    """Return this process's peak resident set size in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    """Generate the files, run the interleaved measurements and print the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=20_000, help="number of files to generate")
+    arguments = parser.parse_args()
+    studies = max(1, arguments.files // INSTANCES_PER_STUDY)
+
+    with tempfile.TemporaryDirectory(prefix="bench-scan-") as temporary:
+        base = Path(temporary)
+        root = base / "staging"
+        started = time.perf_counter()
+        written = sum(
+            clone_study(root, f"study{number:05d}/series1", number, INSTANCES_PER_STUDY)
+            for number in range(studies)
+        )
+        files = studies * INSTANCES_PER_STUDY
+        generation_seconds = time.perf_counter() - started
+        print(f"generated {files} files ({written / files:.0f} bytes each) in {generation_seconds:.1f} s")
+        print(f"peak RSS after generation: {peak_rss_mib():.0f} MiB")
+
+        methods: dict[str, Callable[[], int]] = {
+            "bare": lambda: bare_loop(root),
+            "scan": lambda: staging_scan(root, base),
+            "plan": lambda: whole_plan(root, base / "work"),
+        }
+        timings: dict[str, list[float]] = {name: [] for name in methods}
+        for run in range(1, RUNS + 1):
+            for name, method in methods.items():
+                started = time.perf_counter()
+                handled = method()
+                elapsed = time.perf_counter() - started
+                if handled != files:
+                    raise SystemExit(f"{name} handled {handled} files, expected {files}")
+                timings[name].append(elapsed)
+                print(f"run {run} {name:5s} {elapsed:7.2f} s  {files / elapsed:8.0f} files/s")
+
+        bare_median = statistics.median(timings["bare"])
+        print()
+        print(f"{'method':6s} {'median s':>9s} {'files/s':>9s} {'x bare':>7s}")
+        for name, values in timings.items():
+            median = statistics.median(values)
+            print(f"{name:6s} {median:9.2f} {files / median:9.0f} {median / bare_median:7.2f}")
+        print(f"peak RSS of the whole benchmark process: {peak_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

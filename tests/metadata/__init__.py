@@ -1,0 +1,3 @@
+"""Tests of order metadata: fields, sources and precedence."""
+
+from __future__ import annotations

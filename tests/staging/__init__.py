@@ -1,0 +1,3 @@
+"""Tests of staging: discovery, classification, quarantine and planning."""
+
+from __future__ import annotations
