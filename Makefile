@@ -6,7 +6,7 @@ SHELL := /bin/bash
 UV = $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN = $(UV) run --frozen
 
-.PHONY: help setup test lint format demo sandbox clean
+.PHONY: help setup test lint format demo sandbox bench clean
 
 help:
 	@echo "make demo     run the main job end to end against a local sandbox"
@@ -33,10 +33,14 @@ format: setup
 	$(RUN) ruff format .
 
 demo: setup
-	$(RUN) python -m dicom_ingest_sandbox.walkthrough
+	$(RUN) python scripts/demo.py
 
 sandbox: setup
 	$(RUN) dicom-ingest-sandbox
+
+# Benchmarks against the sandbox (about an hour on 2 cores); BENCH_ARGS=--quick for a smoke run.
+bench: setup
+	$(RUN) python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache build dist .demo

@@ -1,0 +1,3 @@
+"""Sensors of the DICOM ingest library."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Tests of the site DAG factory and the DAG files."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Tests of the operators."""
+
+from __future__ import annotations
