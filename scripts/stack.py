@@ -76,7 +76,8 @@ ADMIN_USER = "admin"
 VENDOR_CONN_ID = "dicom_ingest_default"
 LEDGER_CONN_ID = "dicom_ingest_ledger"
 DEFAULT_POOLS: Mapping[str, int] = {"dicom_ingest_vendor": 8}
-"""The pool every site's vendor calls share (``SiteConfig.pool``'s default), as airflow-init creates it."""
+"""The pool every site's vendor calls share (``SiteConfig.pool``'s default); smaller than the 20 slots
+docker-compose's airflow-init gives it, to suit a 2-core machine."""
 
 DEFAULT_STATE_FILE = Path(tempfile.gettempdir()) / "dicom-ingest-stack" / "stack.json"
 
