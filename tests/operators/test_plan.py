@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,38 +18,17 @@ from tests.dags.support import (
     RUN_ID,
     batch_studies,
     deliver_study,
-    open_ledger,
-    private_folder,
     site_args,
     site_entry,
 )
+from tests.operators.support import BAD_REASONS
 
 SITE_ID = "lyon"
-DAY = "2025-03-01"
-BAD_REASONS = {"not_dicom", "zero_byte", "unreadable", "dicomdir"}
-
-
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    with private_folder() as path:
-        yield path
-
-
-@pytest.fixture
-def sample(folder: Path) -> SampleManifest:
-    """Three generated studies (tags, sidecar, no metadata) and four bad files."""
-    return build_sample_staging(folder / "staging", studies=3, include_bundled=False, day=DAY)
 
 
 @pytest.fixture
 def entry(folder: Path, sample: SampleManifest) -> dict[str, Any]:
     return site_entry(SITE_ID, folder, batch={"max_instances": 6})
-
-
-@pytest.fixture
-def ledger(entry: dict[str, Any]) -> Iterator[Ledger]:
-    with open_ledger(entry) as opened:
-        yield opened
 
 
 def run_plan(entry: dict[str, Any], **arguments: Any) -> dict[str, Any]:
