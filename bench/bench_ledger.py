@@ -79,16 +79,32 @@ def parallel_writer(
         results.put((writes, time.perf_counter() - began))
 
 
-def measure(label: str, work: Callable[[], int]) -> None:
-    """Run ``work`` (which returns how many items it handled) and print its rate."""
+def report(label: str, items: int, elapsed: float, rates: dict[str, float], *, verbose: bool) -> None:
+    """Keep one rate (and print it when ``verbose``)."""
+    rates[label] = items / elapsed
+    if verbose:
+        print(f"  {label:<58} {items:>7} in {elapsed:7.3f} s = {items / elapsed:>9,.0f}/s")
+
+
+def measure(label: str, work: Callable[[], int], rates: dict[str, float], *, verbose: bool) -> None:
+    """Run ``work`` (which returns how many items it handled) and keep its rate."""
     began = time.perf_counter()
     items = work()
-    elapsed = time.perf_counter() - began
-    print(f"  {label:<58} {items:>7} in {elapsed:7.3f} s = {items / elapsed:>9,.0f}/s")
+    report(label, items, time.perf_counter() - began, rates, verbose=verbose)
 
 
-def bench(url: str, studies: int, instances_per_study: int, processes: int) -> None:
-    """Print the rates of one backend."""
+RECORD_PLAN = "record_plan (instances/s)"
+REPLAN = "re-plan of the same plan (instances/s)"
+SEQUENTIAL_WRITES = "claim + mark_instance_uploaded + mark_study_uploaded, 1 process (writes/s)"
+SUMMARIES = "run_summary (summaries/s)"
+PARALLEL_WRITES = "same writes, parallel processes on disjoint studies (writes/s)"
+
+
+def bench(
+    url: str, studies: int, instances_per_study: int, processes: int, *, verbose: bool = True
+) -> dict[str, float]:
+    """Measure the rates of one backend; return them by label (and print them when ``verbose``)."""
+    rates: dict[str, float] = {}
     planned = plan(studies, instances_per_study)
     sequential = plan(max(studies // 5, 1), instances_per_study, first_study=studies)
     parallel = [
@@ -98,21 +114,27 @@ def bench(url: str, studies: int, instances_per_study: int, processes: int) -> N
     with Ledger(url) as ledger:
         ledger.done_studies(SITE, [])
         measure(
-            f"record_plan, {studies * instances_per_study:,} instances (instances/s)",
+            RECORD_PLAN,
             lambda: ledger.record_plan(SITE, RUN, BATCH, planned).instances_planned,
+            rates,
+            verbose=verbose,
         )
         measure(
-            "re-plan of the same plan (instances/s)",
+            REPLAN,
             lambda: ledger.record_plan(SITE, RUN, BATCH, planned).instances_planned,
+            rates,
+            verbose=verbose,
         )
         for chunk in [sequential, *parallel]:
             ledger.record_plan(SITE, RUN, BATCH, chunk)
         measure(
-            "claim + mark_instance_uploaded + mark_study_uploaded, 1 process (writes/s)",
-            lambda: upload_studies(ledger, sequential, "bench:0"),
+            SEQUENTIAL_WRITES, lambda: upload_studies(ledger, sequential, "bench:0"), rates, verbose=verbose
         )
         measure(
-            "run_summary (summaries/s)", lambda: sum(1 for _ in range(20) if ledger.run_summary(SITE, RUN))
+            SUMMARIES,
+            lambda: sum(1 for _ in range(20) if ledger.run_summary(SITE, RUN)),
+            rates,
+            verbose=verbose,
         )
 
     context = multiprocessing.get_context("spawn")
@@ -128,8 +150,8 @@ def bench(url: str, studies: int, instances_per_study: int, processes: int) -> N
         worker.join()
     writes = sum(count for count, _seconds in reports)
     slowest = max(seconds for _count, seconds in reports)
-    label = f"same writes, {processes} processes on disjoint studies (writes/s)"
-    print(f"  {label:<58} {writes:>7} in {slowest:7.3f} s = {writes / slowest:>9,.0f}/s")
+    report(PARALLEL_WRITES, writes, slowest, rates, verbose=verbose)
+    return rates
 
 
 @contextmanager

@@ -74,13 +74,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    """Generate the files, run the interleaved measurements and print the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, default=20_000, help="number of files to generate")
-    arguments = parser.parse_args()
-    studies = max(1, arguments.files // INSTANCES_PER_STUDY)
+def measure_scan(files: int, runs: int = RUNS, *, verbose: bool = True) -> dict[str, float]:
+    """Generate ``files`` files, time each method ``runs`` times interleaved; return median seconds.
 
+    :param files: how many files to generate (rounded down to whole studies of 100, at least one).
+    :param runs: measurements of each method.
+    :param verbose: print each run and the summary.
+    :return: median seconds by method (``bare``, ``scan``, ``plan``) and ``files``, the file count.
+    """
+    studies = max(1, files // INSTANCES_PER_STUDY)
     with tempfile.TemporaryDirectory(prefix="bench-scan-") as temporary:
         base = Path(temporary)
         root = base / "staging"
@@ -91,8 +93,9 @@ def main() -> None:
         )
         files = studies * INSTANCES_PER_STUDY
         generation_seconds = time.perf_counter() - started
-        print(f"generated {files} files ({written / files:.0f} bytes each) in {generation_seconds:.1f} s")
-        print(f"peak RSS after generation: {peak_rss_mib():.0f} MiB")
+        if verbose:
+            print(f"generated {files} files ({written / files:.0f} bytes each) in {generation_seconds:.1f} s")
+            print(f"peak RSS after generation: {peak_rss_mib():.0f} MiB")
 
         methods: dict[str, Callable[[], int]] = {
             "bare": lambda: bare_loop(root),
@@ -100,7 +103,7 @@ def main() -> None:
             "plan": lambda: whole_plan(root, base / "work"),
         }
         timings: dict[str, list[float]] = {name: [] for name in methods}
-        for run in range(1, RUNS + 1):
+        for run in range(1, runs + 1):
             for name, method in methods.items():
                 started = time.perf_counter()
                 handled = method()
@@ -108,15 +111,25 @@ def main() -> None:
                 if handled != files:
                     raise SystemExit(f"{name} handled {handled} files, expected {files}")
                 timings[name].append(elapsed)
-                print(f"run {run} {name:5s} {elapsed:7.2f} s  {files / elapsed:8.0f} files/s")
-
-        bare_median = statistics.median(timings["bare"])
+                if verbose:
+                    print(f"run {run} {name:5s} {elapsed:7.2f} s  {files / elapsed:8.0f} files/s")
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    if verbose:
         print()
         print(f"{'method':6s} {'median s':>9s} {'files/s':>9s} {'x bare':>7s}")
-        for name, values in timings.items():
-            median = statistics.median(values)
-            print(f"{name:6s} {median:9.2f} {files / median:9.0f} {median / bare_median:7.2f}")
+        for name, median in medians.items():
+            print(f"{name:6s} {median:9.2f} {files / median:9.0f} {median / medians['bare']:7.2f}")
         print(f"peak RSS of the whole benchmark process: {peak_rss_mib():.0f} MiB")
+    return {**medians, "files": float(files)}
+
+
+def main() -> None:
+    """Parse the options, run the interleaved measurements and print the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=20_000, help="number of files to generate")
+    parser.add_argument("--runs", type=int, default=RUNS, help="measurements of each method")
+    arguments = parser.parse_args()
+    measure_scan(arguments.files, arguments.runs)
 
 
 if __name__ == "__main__":

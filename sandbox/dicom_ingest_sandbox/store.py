@@ -188,13 +188,14 @@ class ObjectStore:
             process.wait()
 
     def remove_objects(self) -> None:
-        """Delete every object in the bucket (the store keeps no index of its own)."""
-        if self.bucket_dir.exists():
-            for child in self.bucket_dir.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
+        """Delete every object in the bucket (the store keeps no index of its own).
+
+        Folders are kept, so rclone's cached view of them stays true: a folder deleted under it is
+        the likely cause of the rare 500 (``Dir.Rename error``) a PUT got right after a reset.
+        """
+        for folder, _, names in os.walk(self.bucket_dir):
+            for name in names:
+                Path(folder, name).unlink(missing_ok=True)
 
     def __enter__(self) -> ObjectStore:
         self.start()

@@ -1,0 +1,169 @@
+"""The raw clients the product is compared with: presign + PUT and nothing else, no ledger, no metadata.
+
+- :func:`naive_upload`: a sequential loop with plain ``requests`` calls, one presign and one PUT
+  per instance, each on a new connection (what a first script against the vendor's API does);
+- :func:`pooled_upload`: a thread pool over one pooled ``requests.Session`` (the best raw
+  parallel client we know in Python; see the field notes), the ceiling the product aims at.
+
+Both stream each file from disk with its length known, as a presigned PUT requires.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from bench.datasets import StagedFile
+
+DICOM_CONTENT_TYPE = "application/dicom"
+_ERROR_CODE = re.compile(r"<Code>([^<]*)</Code>\s*<Message>([^<]{0,200})")
+"""The code and message of an S3 error document."""
+_FIRST_SERVER_ERROR = 500
+REQUEST_TIMEOUT = (10.0, 120.0)
+
+
+class UploadRefused(RuntimeError):
+    """The API or the store refused a call the benchmark relies on.
+
+    :param message: what was refused (never a URL).
+    :param status: the HTTP status, 0 when there was none.
+    """
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class VendorApi:
+    """Where the vendor's API is and how to authenticate.
+
+    :param base_url: the API's base URL.
+    :param client_id: the OAuth2 client id.
+    :param client_secret: its secret.
+    """
+
+    base_url: str
+    client_id: str
+    client_secret: str = field(repr=False)
+
+    def token(self) -> str:
+        """Get a token the way the vendor documents it (GET, HTTP Basic credentials)."""
+        response = requests.get(
+            f"{self.base_url}/oauth2/token",
+            params={"grant_type": "client_credentials"},
+            auth=(self.client_id, self.client_secret),
+            timeout=REQUEST_TIMEOUT,
+        )
+        _check("token", response)
+        return response.json()["access_token"]
+
+
+def _check(call: str, response: requests.Response) -> None:
+    """Raise :class:`UploadRefused` on a non-2xx answer, naming the call, status and error (never the URL)."""
+    if not response.ok:
+        code = _ERROR_CODE.search(response.text)
+        detail = f" ({code.group(1)}: {code.group(2)})" if code else ""
+        raise UploadRefused(f"{call} answered {response.status_code}{detail}", response.status_code)
+
+
+HttpCall = Callable[..., requests.Response]
+
+
+def _presign_and_put(get: HttpCall, put: HttpCall, api: VendorApi, token: str, staged: StagedFile) -> None:
+    """Presign one URL and PUT one file to it, once."""
+    presigned = get(
+        f"{api.base_url}/upload", headers={"Authorization": f"Bearer {token}"}, timeout=REQUEST_TIMEOUT
+    )
+    _check("GET /upload", presigned)
+    with staged.path.open("rb") as body:
+        stored = put(
+            presigned.json()["url"],
+            data=body,
+            headers={"Content-Type": DICOM_CONTENT_TYPE},
+            timeout=REQUEST_TIMEOUT,
+        )
+    _check("PUT", stored)
+
+
+def _send_one(get: HttpCall, put: HttpCall, api: VendorApi, token: str, staged: StagedFile) -> int:
+    """Presign and PUT one file; after a 5xx or a transport error, once more with a new URL.
+
+    Any real client retries transient errors; one retry keeps a rare store hiccup from failing a
+    whole run without hiding a systematic one.
+
+    :param get: ``requests.get`` or a session's ``get``.
+    :param put: ``requests.put`` or a session's ``put``.
+    :param api: the vendor's API.
+    :param token: a bearer token with the ``upload`` scope.
+    :param staged: the file to send.
+    :return: how many retries it took (0 or 1).
+    """
+    try:
+        _presign_and_put(get, put, api, token, staged)
+    except UploadRefused as error:
+        if error.status < _FIRST_SERVER_ERROR:
+            raise
+    except requests.ConnectionError:
+        pass
+    else:
+        return 0
+    _presign_and_put(get, put, api, token, staged)
+    return 1
+
+
+def naive_upload(api: VendorApi, files: Sequence[StagedFile]) -> int:
+    """Send the files one after another with plain ``requests.get`` / ``requests.put``.
+
+    :param api: the vendor's API.
+    :param files: the instances to send.
+    :return: how many uploads were retried.
+    """
+    token = api.token()
+    return sum(_send_one(requests.get, requests.put, api, token, staged) for staged in files)
+
+
+def pooled_upload(api: VendorApi, files: Sequence[StagedFile], workers: int) -> int:
+    """Send the files with ``workers`` threads sharing one pooled ``requests.Session``.
+
+    :param api: the vendor's API.
+    :param files: the instances to send.
+    :param workers: parallel uploads.
+    :return: how many uploads were retried.
+    """
+    token = api.token()
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=workers)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    failures: list[BaseException] = []
+    retried = 0
+    lock = threading.Lock()
+
+    def send(staged: StagedFile) -> None:
+        nonlocal retried
+        try:
+            retries = _send_one(session.get, session.put, api, token, staged)
+        except (requests.RequestException, UploadRefused) as error:
+            with lock:
+                failures.append(error)
+            return
+        if retries:
+            with lock:
+                retried += retries
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="ceiling") as pool:
+            for _ in pool.map(send, files):
+                pass
+    finally:
+        session.close()
+    if failures:
+        raise UploadRefused(f"{len(failures)} of {len(files)} uploads failed, first: {failures[0]}")
+    return retried

@@ -1,0 +1,216 @@
+"""Measurement primitives shared by every benchmark: CPU clocks, samples, medians and tables.
+
+Nothing here asserts a speed: numbers go to the reader. Each figure is the median of several
+runs, and a ratio is the median of the ratios taken within each run, so that two methods
+measured side by side share whatever else the machine was doing at the time.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+BYTES_PER_MB = 1_000_000
+BYTES_PER_MIB = 2**20
+
+
+def own_cpu_seconds() -> float:
+    """Return the CPU seconds (user + system) this process used so far, all threads together."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def children_cpu_seconds() -> float:
+    """Return the CPU seconds of this process's finished (waited-for) children and their children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def median(values: Iterable[float]) -> float:
+    """Return the median, or NaN for no values.
+
+    :param values: the measurements.
+    """
+    collected = list(values)
+    return statistics.median(collected) if collected else float("nan")
+
+
+class ServiceCpu:
+    """Read the CPU time of the sandbox's processes: the API, the object store and the latency proxies.
+
+    :param pids: process id by role (``api``, ``store``, ``proxy``); a ``None`` pid is left out.
+    """
+
+    def __init__(self, pids: Mapping[str, int | None]) -> None:
+        self.processes = {role: psutil.Process(pid) for role, pid in pids.items() if pid is not None}
+
+    def read(self) -> dict[str, float]:
+        """Return the CPU seconds so far of each role."""
+        readings = {}
+        for role, process in self.processes.items():
+            times = process.cpu_times()
+            readings[role] = times.user + times.system
+        return readings
+
+
+@dataclass
+class Sample:
+    """One timed run of one method over one dataset.
+
+    :param method: ``naive``, ``ceiling``, ``plugin``, ``dag`` or ``dag-empty``.
+    :param seconds: wall time of the uploads (for ``dag``: the whole ``airflow dags test``).
+    :param instances: instances sent.
+    :param bytes: bytes sent.
+    :param uploader_cpu: CPU seconds of the uploading process (and its children).
+    :param service_cpu: CPU seconds of the sandbox's API and store while they received the run.
+    :param proxy_cpu: CPU seconds of the latency proxies (0 on loopback).
+    :param workers: parallel uploads used.
+    :param retries: uploads a raw client had to send twice (a 5xx or a dropped connection).
+    """
+
+    method: str
+    seconds: float
+    instances: int
+    bytes: int
+    uploader_cpu: float
+    service_cpu: float
+    proxy_cpu: float = 0.0
+    workers: int = 1
+    retries: int = 0
+
+    @property
+    def instances_per_second(self) -> float:
+        """Return instances sent per wall second."""
+        return self.instances / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def mb_per_second(self) -> float:
+        """Return megabytes (10^6 bytes) sent per wall second."""
+        return self.bytes / BYTES_PER_MB / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class ServiceWindow:
+    """Measure the sandbox's CPU over a window that ends once it has taken in what was sent.
+
+    :param services: the sandbox's processes.
+    """
+
+    services: ServiceCpu
+    started: dict[str, float] = field(default_factory=dict)
+
+    def __enter__(self) -> ServiceWindow:
+        self.started = self.services.read()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Nothing to release; :meth:`used` reads the end of the window."""
+
+    def used(self) -> tuple[float, float]:
+        """Return ``(API + store, proxies)`` CPU seconds since the window opened."""
+        now = self.services.read()
+        spent = {role: now[role] - self.started.get(role, 0.0) for role in now}
+        return spent.get("api", 0.0) + spent.get("store", 0.0), spent.get("proxy", 0.0)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What :func:`timed_in_process` measured.
+
+    :param result: what the work returned.
+    :param seconds: its wall time.
+    :param uploader_cpu: this process's CPU seconds during the work.
+    :param service_cpu: the sandbox's API and store CPU seconds until it had taken everything in.
+    :param proxy_cpu: the latency proxies' CPU seconds over the same window.
+    """
+
+    result: Any
+    seconds: float
+    uploader_cpu: float
+    service_cpu: float
+    proxy_cpu: float
+
+
+def timed_in_process(work: Callable[[], Any], settle: Callable[[], None], services: ServiceCpu) -> Timing:
+    """Run ``work`` in this process and measure it.
+
+    :param work: the uploads.
+    :param settle: waits (untimed) until the sandbox has taken in everything ``work`` sent.
+    :param services: the sandbox's processes.
+    """
+    with ServiceWindow(services) as window:
+        cpu_before = own_cpu_seconds()
+        started = time.perf_counter()
+        result = work()
+        seconds = time.perf_counter() - started
+        uploader_cpu = own_cpu_seconds() - cpu_before
+        settle()
+        service_cpu, proxy_cpu = window.used()
+    return Timing(result, seconds, uploader_cpu, service_cpu, proxy_cpu)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a printed table."""
+
+    title: str
+    align: str = ">"
+
+
+def markdown_table(columns: Sequence[Column], rows: Iterable[Sequence[str]]) -> str:
+    """Render rows as a GitHub-flavoured Markdown table whose columns line up in plain text too.
+
+    :param columns: titles and alignment.
+    :param rows: cell texts, one sequence per row.
+    """
+    materialised = [list(row) for row in rows]
+    widths = [
+        max([len(column.title), *(len(row[index]) for row in materialised)])
+        for index, column in enumerate(columns)
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            f"{cell:{column.align}{width}}"
+            for cell, column, width in zip(cells, columns, widths, strict=True)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = [
+        ("-" * (width - 1) + ":") if column.align == ">" else "-" * width
+        for column, width in zip(columns, widths, strict=True)
+    ]
+    return "\n".join([line([column.title for column in columns]), line(rule), *map(line, materialised)])
+
+
+def number(value: float, digits: int = 1) -> str:
+    """Format a figure for a table; NaN (not measured) becomes an em dash.
+
+    :param value: the figure.
+    :param digits: decimals shown.
+    """
+    if value != value:  # NaN
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def machine_description() -> str:
+    """Describe the machine: CPU model, cores, memory, load average."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), ""
+            )
+    except OSError:
+        model = ""
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    memory = psutil.virtual_memory().total / 2**30
+    return f"{os.cpu_count()} cores ({model or 'unknown CPU'}), {memory:.1f} GiB memory, load average {load}"

@@ -1,0 +1,106 @@
+"""Run one upload method once over a generated dataset, for a profiler to watch.
+
+::
+
+    uvx py-spy record --subprocesses -o plugin.svg -- python -m bench.profile_upload plugin 2000x512KiB/20
+    python -m bench.profile_upload plugin 2000x512KiB/20 --cprofile plugin.pstats
+
+The dataset is generated in a temporary folder and a sandbox started for the run (with
+``--latency-ms`` for the WAN condition); both are gone afterwards. With ``--cprofile`` the
+upload alone (not the set-up) is profiled with the standard library's profiler, and the top
+functions by cumulative and by own time are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench.datasets import write_dataset
+from bench.run import parse_dataset
+
+METHODS = ("plugin", "ceiling", "naive")
+TOP_FUNCTIONS = 30
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Generate the dataset, start a sandbox, run the method once (profiled when asked)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", choices=METHODS)
+    parser.add_argument("dataset", type=parse_dataset, help="INSTANCESxSIZE/STUDIES")
+    parser.add_argument(
+        "--workers", type=int, default=8, help="threads (ceiling) or upload_concurrency (plugin)"
+    )
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="round trip added by the sandbox")
+    parser.add_argument("--cprofile", type=Path, help="profile the upload with cProfile into this file")
+    arguments = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="dicom-ingest-profile-") as folder:
+        scratch = Path(folder)
+        os.environ["AIRFLOW_HOME"] = str(scratch / "airflow-home")
+        from bench import product
+        from bench.clients import VendorApi, naive_upload, pooled_upload
+        from dicom_ingest_sandbox.testing import running_sandbox
+
+        dataset = write_dataset(arguments.dataset, scratch / "staging", namespace=1)
+        sandbox_flags = {"latency_ms": arguments.latency_ms} if arguments.latency_ms else {}
+        with ExitStack() as stack:
+            sandbox = stack.enter_context(
+                running_sandbox(scratch / "sandbox", quiet_period=5, processing_time=1, **sandbox_flags)
+            )
+            stack.enter_context(product.quiet_task_logs())
+            api = VendorApi(sandbox.base_url, sandbox.client_id, sandbox.client_secret)
+            upload: Callable[[], object]
+            if arguments.method == "plugin":
+                site = product.operator_arguments(
+                    product.site_entry(
+                        str(dataset.root),
+                        upload_concurrency=arguments.workers,
+                        ledger_path=str(scratch / "ledger.sqlite"),
+                        work_location=str(scratch / "work"),
+                        reports_location=str(scratch / "reports"),
+                    )
+                )
+                stack.enter_context(product.vendor_connection(api))
+                plan = product.plan_run(site, "profile")
+
+                def upload() -> object:
+                    return product.upload_batches(site, plan, "profile")
+
+            elif arguments.method == "ceiling":
+
+                def upload() -> object:
+                    return pooled_upload(api, dataset.files, arguments.workers)
+
+            else:
+
+                def upload() -> object:
+                    return naive_upload(api, dataset.files)
+
+            profiler = cProfile.Profile() if arguments.cprofile else None
+            started = time.perf_counter()
+            if profiler is not None:
+                profiler.runcall(upload)
+            else:
+                upload()
+            seconds = time.perf_counter() - started
+            rate = arguments.dataset.instances / seconds
+            print(f"{arguments.method}: {rate:.1f} instances/s ({seconds:.2f} s)")
+    if profiler is not None and arguments.cprofile is not None:
+        profiler.dump_stats(arguments.cprofile)
+        stats = pstats.Stats(str(arguments.cprofile), stream=sys.stdout)
+        stats.sort_stats("cumulative").print_stats(TOP_FUNCTIONS)
+        stats.sort_stats("tottime").print_stats(TOP_FUNCTIONS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

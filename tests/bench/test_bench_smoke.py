@@ -1,0 +1,103 @@
+"""The benchmark harness in its smallest mode: every section runs and every table row is filled.
+
+No speed is asserted: the numbers go to BENCHMARKS.md, not to tests.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench.run import (
+    CEILING,
+    DAG,
+    DAG_EMPTY,
+    DAG_OVER_CEILING,
+    DAG_WALL_OVER_LIMIT,
+    LOOPBACK,
+    NAIVE,
+    PLUGIN,
+    PLUGIN_OVER_CEILING,
+    PLUGIN_OVER_NAIVE,
+    WAN,
+    Options,
+    Report,
+    build_parser,
+    options_from,
+    run_benchmarks,
+)
+from dicom_ingest_sandbox.testing import Sandbox
+
+pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
+
+RAW_AND_PLUGIN = (NAIVE, CEILING, PLUGIN)
+LEDGER_MEASUREMENTS = 5
+SECTION_HEADINGS = ("Uploads", "Ceiling sweep", "Targets", "Memory", "Header scan", "DAG-file", "Ledger")
+
+
+def quick_options(*flags: str) -> Options:
+    return options_from(build_parser().parse_args(["--quick", *flags]))
+
+
+def run_quick(options: Options, sandbox: Sandbox | None = None) -> Report:
+    with tempfile.TemporaryDirectory(prefix="dicom-ingest-bench-smoke-") as scratch:
+        report = run_benchmarks(options, Path(scratch), loopback_sandbox=sandbox)
+    assert report.all_failures() == {}
+    return report
+
+
+def upload_rows_by_key(report: Report) -> dict[tuple[str, str, str], Sequence[str]]:
+    return {(row[0], row[1], row[2]): row for row in report.upload_rows()}
+
+
+def test_the_quick_harness_fills_every_row_of_every_section(sandbox: Sandbox) -> None:
+    options = quick_options("--conditions", LOOPBACK)
+    report = run_quick(options, sandbox)
+
+    assert options.dag_dataset is not None
+    expected_uploads = {
+        (LOOPBACK, spec.name, method) for spec in options.datasets for method in RAW_AND_PLUGIN
+    }
+    expected_uploads |= {(LOOPBACK, options.dag_dataset.name, method) for method in (CEILING, DAG_EMPTY, DAG)}
+    rows = upload_rows_by_key(report)
+    assert set(rows) == expected_uploads
+    for (_, _, method), row in rows.items():
+        rate = float(row[6].replace(",", ""))
+        assert rate == 0 if method == DAG_EMPTY else rate > 0
+
+    assert len(report.sweep_rows()) == (len(options.datasets) + 1) * len(options.sweep)
+    figures = [row[0] for row in report.target_rows()]
+    for spec in options.datasets:
+        assert f"{PLUGIN_OVER_CEILING} ({LOOPBACK}, {spec.name})" in figures
+        assert f"{PLUGIN_OVER_NAIVE} ({LOOPBACK}, {spec.name})" in figures
+    for ratio in (DAG_OVER_CEILING, DAG_WALL_OVER_LIMIT):
+        assert f"{ratio} ({LOOPBACK}, {options.dag_dataset.name})" in figures
+    assert any(figure.startswith("peak RSS growth") for figure in figures)
+    assert any(figure.startswith("scan files/s") for figure in figures)
+    assert any(figure.startswith("DAG-file parse time") for figure in figures)
+
+    assert report.memory is not None
+    assert report.memory["uploaded"] == 1
+    assert report.memory["bytes"] == options.large_instance
+    assert report.scan is not None and report.scan["files"] == options.scan_files
+    assert report.parse is not None and sorted(report.parse) == sorted(options.parse_sites)
+    assert report.ledger is not None and len(report.ledger["SQLite"]) == LEDGER_MEASUREMENTS
+
+    text = report.render("python -m bench --quick")
+    for heading in SECTION_HEADINGS:
+        assert f"### {heading}" in text
+
+
+def test_the_wan_condition_runs_every_method_through_the_delaying_proxies() -> None:
+    options = quick_options("--conditions", WAN, "--sections", "uploads", "--wan-rtt-ms", "10")
+    report = run_quick(replace(options, dag_dataset=None))
+
+    rows = upload_rows_by_key(report)
+    assert set(rows) == {(WAN, spec.name, method) for spec in options.datasets for method in RAW_AND_PLUGIN}
+    for row in rows.values():
+        assert float(row[6].replace(",", "")) > 0
+        assert row[10] != "—"  # the proxies' CPU is measured under the WAN condition
