@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -475,6 +475,39 @@ def test_upload_streams_with_content_type_and_checks_etag(make_hook, vendor, moc
     )
     assert SIGNATURE not in repr(result)
     assert SIGNATURE not in json.dumps(dataclasses.asdict(result))
+
+
+def test_proxy_settings_are_read_from_the_environment_once_per_origin(make_hook, vendor, mocked, monkeypatch):
+    proxy = "http://proxy.hospital.invalid:3128"
+    monkeypatch.setenv("HTTPS_PROXY", proxy)
+    monkeypatch.setenv("NO_PROXY", urlsplit(STORE).hostname)
+    scanned: list[str] = []
+    scan = requests.sessions.get_environ_proxies
+
+    def counting_scan(url: str, no_proxy: str | None = None) -> dict[str, str]:
+        scanned.append(urlsplit(url).netloc)
+        return scan(url, no_proxy=no_proxy)
+
+    monkeypatch.setattr(requests.sessions, "get_environ_proxies", counting_scan)
+    data = b"DICM" + b"\0" * 100
+    urls = [presigned_url(f"incoming/obj-{number}.dcm") for number in range(3)]
+    serve_presign(vendor, *urls)
+    for url in urls:
+        serve_store(mocked, url, etag_answer(data))
+    hook = make_hook()
+
+    for _ in urls:
+        hook.upload_instance(io.BytesIO(data))
+
+    assert sorted(scanned) == sorted({urlsplit(API).netloc, urlsplit(STORE).netloc})
+    session = hook.get_conn()
+    api_settings = session.merge_environment_settings(f"{API}/upload", {}, None, None, None)
+    api_settings["proxies"].clear()  # a caller changing its copy does not change the next answer
+    assert (
+        session.merge_environment_settings(f"{API}/upload", {}, None, None, None)["proxies"]["https"] == proxy
+    )
+    assert "https" not in session.merge_environment_settings(urls[0], {}, None, None, None)["proxies"]
+    assert len(scanned) == 2
 
 
 def test_upload_from_a_file_object_sends_from_its_position(make_hook, vendor, mocked):

@@ -194,6 +194,30 @@ def test_upload_metadata_and_status_round_trip(sandbox_connection):
     assert status.instances_received == 1
 
 
+class ReadRecordingStream(io.BytesIO):
+    """An in-memory instance that records how many bytes each read asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.requested: list[int] = []
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self.requested.append(-1 if size is None else size)
+        return super().read(size)
+
+
+def test_an_upload_is_read_hashed_and_sent_in_large_blocks(sandbox_connection):
+    instance = build_instance(new_uid(), size=512)  # 512 KiB of pixel data
+    stream = ReadRecordingStream(instance)
+    full_blocks, rest = divmod(len(instance), hook_module.BODY_BLOCK_SIZE)
+
+    with DicomIngestHook(CONN_ID) as hook:
+        result = hook.upload_instance(stream)
+
+    assert result.md5 == result.etag == hashlib.md5(instance).hexdigest()
+    assert stream.requested == [hook_module.BODY_BLOCK_SIZE] * full_blocks + ([rest] if rest else [])
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_async_hook_reads_status_and_order_ids(sandbox_connection, anyio_backend):

@@ -1,10 +1,15 @@
-"""Plans, a controllable clock and database set-up shared by the ledger tests."""
+"""Plans, a controllable clock, database set-up and activity counting shared by the ledger tests."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from dicom_ingest.ledger import PlannedInstance, PlannedStudy
+from sqlalchemy import event
+
+from dicom_ingest.ledger import Ledger, PlannedInstance, PlannedStudy
 
 SITE = "paris"
 RUN = "scheduled__2026-11-01T00:00:00+00:00"
@@ -55,3 +60,35 @@ def planned_study(number: int, instances: int = 3, size: int = INSTANCE_SIZE) ->
 def sop_uids(study: PlannedStudy) -> list[str]:
     """Return the SOP UIDs of a planned study."""
     return [instance.sop_uid for instance in study.instances]
+
+
+@dataclass
+class DatabaseActivity:
+    """Transactions begun and statements sent to the database while it was watched."""
+
+    transactions: int = 0
+    statements: int = 0
+
+
+@contextmanager
+def watching(ledger: Ledger) -> Iterator[DatabaseActivity]:
+    """Count the ledger's transactions and their statements (a multi-row statement counts once).
+
+    :param ledger: the ledger to watch.
+    """
+    activity = DatabaseActivity()
+
+    def on_begin(*_: object) -> None:
+        activity.transactions += 1
+
+    def on_statement(_connection: object, _cursor: object, statement: str, *_: object) -> None:
+        if not statement.startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE is the transaction itself
+            activity.statements += 1
+
+    event.listen(ledger.engine, "begin", on_begin)
+    event.listen(ledger.engine, "before_cursor_execute", on_statement)
+    try:
+        yield activity
+    finally:
+        event.remove(ledger.engine, "begin", on_begin)
+        event.remove(ledger.engine, "before_cursor_execute", on_statement)

@@ -41,6 +41,7 @@ from dicom_ingest.ledger.errors import (
     LedgerStateError,
     UnknownStudyError,
 )
+from dicom_ingest.ledger.instances import record_instance_outcomes
 from dicom_ingest.ledger.models import (
     INSTANCE_SENT_STATES,
     QUARANTINED_PATH_WHERE,
@@ -57,6 +58,7 @@ from dicom_ingest.ledger.records import (
     BatchStudy,
     ClaimAction,
     EventRecord,
+    InstanceUpload,
     PlannedStudy,
     PlanResult,
     ReasonCount,
@@ -84,12 +86,28 @@ _SCHEMA_LOCK_KEY = 0x44494E47
 
 _SKIP_STATES = frozenset({StudyState.VERIFIED, StudyState.METADATA_SENT, StudyState.HELD})
 _RESUMABLE_STATES = frozenset({StudyState.UPLOADING, StudyState.UPLOADED, StudyState.FAILED})
-_FINAL_INSTANCE_STATES = (InstanceState.METADATA_SENT, InstanceState.VERIFIED)
 _PAST_UPLOAD_STATES = frozenset({StudyState.UPLOADED, StudyState.METADATA_SENT, StudyState.VERIFIED})
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _upload_changes(uploads: Iterable[InstanceUpload]) -> dict[str, dict[str, Any]]:
+    """Return the instance columns an upload sets, by SOP UID (a later upload of a UID wins).
+
+    :param uploads: the uploaded instances.
+    """
+    return {
+        upload.sop_uid: {
+            "key": upload.key,
+            "md5": upload.md5,
+            "etag": upload.etag,
+            "reason": None,
+            "message": None,
+        }
+        for upload in uploads
+    }
 
 
 def default_claim_owner() -> str:
@@ -249,19 +267,6 @@ class Ledger:
         if study is None:
             raise UnknownStudyError(f"study {study_uid} was never planned for site {site_id!r}")
         return study
-
-    def _locked_instance(self, session: Session, site_id: str, sop_uid: str) -> tuple[Study, Instance]:
-        """Lock an instance and its study, the study first."""
-        study_uid = session.scalar(
-            select(Instance.study_uid).where(Instance.site_id == site_id, Instance.sop_uid == sop_uid)
-        )
-        if study_uid is None:
-            raise UnknownStudyError(f"instance {sop_uid} was never planned for site {site_id!r}")
-        study = self._locked_study(session, site_id, study_uid)
-        instance = session.scalars(
-            select(Instance).where(Instance.site_id == site_id, Instance.sop_uid == sop_uid).with_for_update()
-        ).one()
-        return study, instance
 
     @staticmethod
     def _add_event(
@@ -614,6 +619,27 @@ class Ledger:
 
     # -- instance transitions -------------------------------------------------------------------
 
+    def mark_instances_uploaded(self, site_id: str, uploads: Iterable[InstanceUpload]) -> set[str]:
+        """Record that instances reached the vendor's store, in one transaction of a few statements.
+
+        Each instance follows the rules of :meth:`mark_instance_uploaded`: recording the same upload
+        again (same key, MD5 and ETag) or an instance past upload changes nothing, and the claims of
+        the studies being uploaded are renewed. An instance given twice is recorded with its last
+        values. One unknown instance refuses the whole call.
+
+        :param site_id: the site.
+        :param uploads: the uploaded instances, in the order their history is written.
+        :returns: the SOP UIDs whose record changed.
+        :raises UnknownStudyError: an instance was never planned for the site (nothing is recorded).
+        """
+        return self._record_instances(
+            site_id,
+            InstanceState.UPLOADED,
+            _upload_changes(uploads),
+            repeat_is_no_op=True,
+            purpose="record uploaded instances",
+        )
+
     def mark_instance_uploaded(
         self, site_id: str, sop_uid: str, key: str, md5: str, etag: str | None
     ) -> bool:
@@ -626,34 +652,14 @@ class Ledger:
         :param etag: the ETag the store answered with.
         :returns: whether anything changed (``False`` when repeated, or past this stage already).
         """
-
-        def work(session: Session) -> bool:
-            now = self._clock()
-            study, instance = self._locked_instance(session, site_id, sop_uid)
-            if study.state == StudyState.UPLOADING:
-                study.heartbeat_at = now
-            if instance.state in _FINAL_INSTANCE_STATES or (
-                instance.state == InstanceState.UPLOADED
-                and (instance.key, instance.md5, instance.etag) == (key, md5, etag)
-            ):
-                return False
-            self._add_event(
-                session,
-                study,
-                sop_uid=sop_uid,
-                from_state=instance.state,
-                to_state=InstanceState.UPLOADED,
-                reason=None,
-                at=now,
-            )
-            instance.state = InstanceState.UPLOADED
-            instance.key, instance.md5, instance.etag = key, md5, etag
-            instance.reason = instance.message = None
-            instance.attempts += 1
-            instance.updated_at = now
-            return True
-
-        return self._transaction(work, write=True, purpose="record an uploaded instance")
+        changed = self._record_instances(
+            site_id,
+            InstanceState.UPLOADED,
+            _upload_changes([InstanceUpload(sop_uid, key, md5, etag)]),
+            repeat_is_no_op=True,
+            purpose="record an uploaded instance",
+        )
+        return sop_uid in changed
 
     def mark_instance_failed(
         self, site_id: str, sop_uid: str, reason: str, message: str | None = None
@@ -666,30 +672,38 @@ class Ledger:
         :param message: a human message naming the file, without tag values.
         :returns: ``False`` when the instance is already past upload (nothing changes).
         """
+        changes = {sop_uid: {"reason": reason, "message": message}}
+        return sop_uid in self._record_instances(
+            site_id, InstanceState.FAILED, changes, repeat_is_no_op=False, purpose="record a failed instance"
+        )
 
-        def work(session: Session) -> bool:
-            now = self._clock()
-            study, instance = self._locked_instance(session, site_id, sop_uid)
-            if study.state == StudyState.UPLOADING:
-                study.heartbeat_at = now
-            if instance.state in _FINAL_INSTANCE_STATES:
-                return False
-            self._add_event(
-                session,
-                study,
-                sop_uid=sop_uid,
-                from_state=instance.state,
-                to_state=InstanceState.FAILED,
-                reason=reason,
-                at=now,
-            )
-            instance.state = InstanceState.FAILED
-            instance.reason, instance.message = reason, message
-            instance.attempts += 1
-            instance.updated_at = now
-            return True
+    def _record_instances(
+        self,
+        site_id: str,
+        to_state: InstanceState,
+        changes: dict[str, dict[str, Any]],
+        *,
+        repeat_is_no_op: bool,
+        purpose: str,
+    ) -> set[str]:
+        """Move instances to ``to_state`` in one transaction (see :func:`record_instance_outcomes`).
 
-        return self._transaction(work, write=True, purpose="record a failed instance")
+        :param site_id: the site.
+        :param to_state: the instances' new state.
+        :param changes: SOP UID → new column values.
+        :param repeat_is_no_op: whether the same values recorded again change nothing.
+        :param purpose: what the transaction does, for the error message.
+        :returns: the SOP UIDs whose record changed.
+        """
+        if not changes:
+            return set()
+        return self._transaction(
+            lambda session: record_instance_outcomes(
+                session, site_id, to_state, changes, self._clock(), repeat_is_no_op=repeat_is_no_op
+            ),
+            write=True,
+            purpose=purpose,
+        )
 
     def mark_quarantined(
         self,

@@ -67,6 +67,24 @@ class PlannedStudy:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceUpload:
+    """One instance that reached the vendor's store.
+
+    What :meth:`~dicom_ingest.ledger.Ledger.mark_instances_uploaded` records for it.
+
+    :param sop_uid: SOP Instance UID.
+    :param key: the object key the vendor gave for it.
+    :param md5: hex MD5 of the bytes sent.
+    :param etag: the ETag the store answered with.
+    """
+
+    sop_uid: str
+    key: str
+    md5: str
+    etag: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class PlanResult(LedgerRecord):
     """What :meth:`~dicom_ingest.ledger.Ledger.record_plan` recorded.
 

@@ -21,8 +21,11 @@ How a batch flows:
   A later attempt re-sends the failed study whole.
 
 Every ledger write happens on the coordinating thread; workers only read files and talk to the
-vendor. Logs carry UIDs, counts, sizes, rates and reason codes: never file paths, tag values,
-tokens or URLs.
+vendor. Uploaded instances are recorded in bulk: the coordinator keeps them in memory for at most
+``flush_interval`` seconds or ``flush_size`` instances, and always records them before it marks a
+study uploaded or failed, and when the batch ends or breaks off. What a crash loses from memory
+costs nothing extra: a study whose upload was interrupted is re-sent whole anyway. Logs carry
+UIDs, counts, sizes, rates and reason codes: never file paths, tag values, tokens or URLs.
 """
 
 from __future__ import annotations
@@ -42,7 +45,16 @@ from typing import Any, BinaryIO
 
 from dicom_ingest.exceptions import DicomIngestError, DicomIngestIntegrityError, DicomIngestOrderNotFoundError
 from dicom_ingest.hooks.models import UploadResult
-from dicom_ingest.ledger import DEFAULT_LEASE, ClaimAction, ClaimLostError, Ledger, StudyClaim, StudyState
+from dicom_ingest.ledger import (
+    DEFAULT_LEASE,
+    ClaimAction,
+    ClaimLostError,
+    InstanceUpload,
+    Ledger,
+    LedgerError,
+    StudyClaim,
+    StudyState,
+)
 from dicom_ingest.staging.plan import PlannedInstance, PlannedStudy
 from dicom_ingest.upload.orders import FinalisedStudy, OrderFinaliser, StudyOrderRequest
 from dicom_ingest.upload.progress import ProgressMeter
@@ -55,6 +67,10 @@ DEFAULT_METADATA_WAIT = 60.0
 """Seconds to keep looking for a study's order after its last instance before the study fails."""
 DEFAULT_PROGRESS_INTERVAL = 10.0
 """Seconds between two progress lines."""
+DEFAULT_FLUSH_INTERVAL = 0.5
+"""Longest time, in seconds, an uploaded instance waits in memory before the ledger records it."""
+DEFAULT_FLUSH_SIZE = 256
+"""Uploaded instances the ledger records in one transaction at most."""
 DEFAULT_RENEW_INTERVAL = DEFAULT_LEASE.total_seconds() / 4
 """Seconds between two renewals of the claims on the studies being uploaded."""
 DEFAULT_RESUME_WINDOW = timedelta(minutes=10)
@@ -162,6 +178,9 @@ class BatchUploader:
     :param metadata_wait: seconds to keep looking for a study's order after its last instance.
     :param progress_interval: seconds between progress lines.
     :param renew_interval: seconds between renewals of the claims of studies in progress.
+    :param flush_interval: longest time, in seconds, an uploaded instance waits in memory before
+        the ledger records it.
+    :param flush_size: uploaded instances recorded in one ledger transaction at most.
     :param resume_window: how recent a complete upload must be for its metadata to be sent without
         sending the study again.
     :param clock: a monotonic clock in seconds.
@@ -183,12 +202,16 @@ class BatchUploader:
         metadata_wait: float = DEFAULT_METADATA_WAIT,
         progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
         renew_interval: float = DEFAULT_RENEW_INTERVAL,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        flush_size: int = DEFAULT_FLUSH_SIZE,
         resume_window: timedelta = DEFAULT_RESUME_WINDOW,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Any] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if flush_size < 1:
+            raise ValueError("flush_size must be at least 1")
         self._hook = hook
         self._ledger = ledger
         self._source = source
@@ -200,6 +223,8 @@ class BatchUploader:
         self._claim_owner = claim_owner
         self._progress_interval = progress_interval
         self._renew_interval = renew_interval
+        self._flush_interval = flush_interval
+        self._flush_size = flush_size
         self._resume_window = resume_window
         self._clock = clock
         self._stopping = threading.Event()
@@ -213,6 +238,8 @@ class BatchUploader:
         self._jobs: queue.PriorityQueue[tuple[float, int, _InstanceJob | None]] = queue.PriorityQueue()
         self._events: queue.SimpleQueue[_InstanceSettled | _StudyFinalised] = queue.SimpleQueue()
         self._active: set[_StudyRun] = set()
+        self._unrecorded: list[InstanceUpload] = []
+        self._flush_due = math.inf
         self._counts = _Counts()
         self._meter: ProgressMeter | None = None
 
@@ -231,6 +258,7 @@ class BatchUploader:
         total_bytes = sum(study.bytes for study in planned)
         self._counts = _Counts()
         self._active = set()
+        self._unrecorded, self._flush_due = [], math.inf
         self._stopping.clear()
         meter = self._meter = ProgressMeter(
             self.batch_id,
@@ -255,6 +283,9 @@ class BatchUploader:
         try:
             self._coordinate(deque(enumerate(planned)), finalisers)
             completed = True
+        except BaseException:
+            self._record_uploads_before_stopping()
+            raise
         finally:
             self._shut_down(workers, finalisers, completed=completed)
         meter.log(log)
@@ -298,8 +329,10 @@ class BatchUploader:
             while waiting and self._jobs.qsize() < self.concurrency:
                 self._claim(*waiting.popleft(), finalisers)
             if not waiting and not self._active:
+                self._record_uploads()
                 return
-            wait = min(MAX_EVENT_WAIT, max(0.0, min(next_progress, next_renewal) - self._clock()))
+            next_deadline = min(next_progress, next_renewal, self._flush_due)
+            wait = min(MAX_EVENT_WAIT, max(0.0, next_deadline - self._clock()))
             try:
                 event = self._events.get(timeout=wait)
             except queue.Empty:
@@ -309,6 +342,8 @@ class BatchUploader:
             elif isinstance(event, _StudyFinalised):
                 self._study_finalised(event)
             now = self._clock()
+            if now >= self._flush_due:
+                self._record_uploads()
             if now >= next_progress:
                 self._progress().log(log)
                 next_progress = now + self._progress_interval
@@ -478,6 +513,39 @@ class BatchUploader:
         log.warning("Study %s: instance %s failed (%s): %s", run.study_uid, instance.sop_uid, failure, detail)
         return _InstanceSettled(job, failure=failure)
 
+    # -- recording uploads ----------------------------------------------------------------------
+
+    def _remember_upload(self, upload: InstanceUpload) -> None:
+        """Keep an uploaded instance for the next bulk record; record at once when enough wait.
+
+        :param upload: the instance and what the store answered.
+        """
+        if not self._unrecorded:
+            self._flush_due = self._clock() + self._flush_interval
+        self._unrecorded.append(upload)
+        if len(self._unrecorded) >= self._flush_size:
+            self._record_uploads()
+
+    def _record_uploads(self) -> None:
+        """Record every uploaded instance kept in memory, in one ledger transaction."""
+        uploads, self._unrecorded, self._flush_due = self._unrecorded, [], math.inf
+        if uploads:
+            self._ledger.mark_instances_uploaded(self.site_id, uploads)
+
+    def _record_uploads_before_stopping(self) -> None:
+        """Record the uploads kept in memory while the batch breaks off, never hiding why it broke off."""
+        waiting = len(self._unrecorded)
+        try:
+            self._record_uploads()
+        except LedgerError as exc:
+            log.warning(
+                "Batch %s: %d uploaded instances could not be recorded (%s); "
+                "their studies will be re-sent whole",
+                self.batch_id,
+                waiting,
+                exc,
+            )
+
     # -- news from the workers and the finalisers -----------------------------------------------
 
     def _instance_settled(self, event: _InstanceSettled, finalisers: ThreadPoolExecutor) -> None:
@@ -490,9 +558,7 @@ class BatchUploader:
         meter = self._progress()
         if event.result is not None:
             result = event.result
-            self._ledger.mark_instance_uploaded(
-                self.site_id, instance.sop_uid, result.key, result.md5, result.etag
-            )
+            self._remember_upload(InstanceUpload(instance.sop_uid, result.key, result.md5, result.etag))
             self._counts.uploaded += 1
             self._counts.bytes += result.size
             meter.instance_uploaded(result.size)
@@ -518,6 +584,7 @@ class BatchUploader:
         if run.failure is not None:
             self._fail(run, run.failure)
             return
+        self._record_uploads()
         try:
             self._ledger.mark_study_uploaded(self.site_id, run.study_uid, token=run.token)
         except ClaimLostError:
@@ -580,6 +647,7 @@ class BatchUploader:
         :param reason: why it failed.
         :param order_id: the study's order, if it was found.
         """
+        self._record_uploads()
         try:
             self._ledger.mark_study_failed(self.site_id, run.study_uid, reason, order_id, token=run.token)
         except ClaimLostError:
