@@ -30,6 +30,8 @@ UPLOADING = "UPLOADING"
 DELIVERED = "DELIVERED"
 FAILED = "FAILED"
 GATE_TIMEOUT = 20.0
+HEADER_BYTES = 512
+"""Bytes read first from a staged test instance: enough for its two UIDs."""
 """Seconds a gated upload waits for its gate before giving up (only reached when a test fails)."""
 HEADER_SEPARATOR = b"|"
 
@@ -219,14 +221,17 @@ class FakeVendor:
 
     def upload_instance(self, source: BinaryIO, *, size: int | None = None) -> UploadResult:
         """Read the instance from its stream, file it into an order and answer like the hook."""
-        data = source.read() if size is None else source.read(size)
-        study, sop, _ = data.split(HEADER_SEPARATOR, 2)
+        # The header (two UIDs) is read first, so that a PUT's start is recorded before a large
+        # body is read, as a real PUT's start is seen before its body arrives.
+        head = source.read(HEADER_BYTES if size is None else min(size, HEADER_BYTES))
+        study, sop, _ = head.split(HEADER_SEPARATOR, 2)
         study_text, sop_text = study.decode(), sop.decode()
         with self._lock:
             self.put_starts.append(sop_text)
             listeners = list(self.start_listeners)
         for listener in listeners:
             listener(sop_text)
+        data = head + (source.read() if size is None else source.read(size - len(head)))
         gate = self.gates.get(sop_text)
         if gate is not None and not gate.wait(GATE_TIMEOUT):
             self.gate_timeouts.append(sop_text)
