@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 _TEMPORARY_PREFIXES = (".",)
 _TEMPORARY_SUFFIXES = (".partial",)
 _HASH_CHUNK_BYTES = 1 << 20
+SETTLE_SECONDS = 1.0
+"""A folder modified more recently than this is listed again even if its modification time looks unchanged."""
 MAX_REPORTED_AGE = 90
 _DICOM_AGE = re.compile(r"^(\d{1,3})([DWMY])$")
 _PLAIN_AGE = re.compile(r"^(\d{1,3})\+?$")
@@ -144,45 +147,93 @@ def _is_temporary(name: str) -> bool:
 class StoreWatcher:
     """Find objects that appeared or changed in the bucket folder since the last scan.
 
+    A scan costs little however many objects the bucket holds: a folder whose modification time
+    has not moved since the last scan (and moved longer ago than :data:`SETTLE_SECONDS`, so that
+    a rename within the file system's timestamp granularity is not missed) is not listed again,
+    and in a folder that is listed, only entries whose inode number changed are ``stat``-ed. The
+    store renames each complete upload into place, so a new or rewritten object always brings a
+    new inode.
+
     :param bucket_dir: the folder the store keeps the bucket's objects in.
     """
 
     def __init__(self, bucket_dir: Path) -> None:
         self._bucket_dir = bucket_dir
-        self._seen: dict[str, tuple[int, int]] = {}
+        self._seen: dict[str, tuple[int, int, int]] = {}
+        self._folders: dict[str, tuple[int, list[str]]] = {}
 
-    def _complete_files(self) -> list[tuple[str, Path, os.stat_result]]:
-        """List every complete file under the bucket with its key and stat, oldest first."""
-        found = []
-        for folder, _, names in os.walk(self._bucket_dir):
-            for name in names:
-                if _is_temporary(name):
-                    continue
-                path = Path(folder, name)
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:
-                    continue
-                found.append((path.relative_to(self._bucket_dir).as_posix(), path, stat))
+    def _new_files(self) -> list[tuple[str, Path, os.stat_result]]:
+        """List the complete files that are new or rewritten since the last scan, oldest first."""
+        found: list[tuple[str, Path, os.stat_result]] = []
+        self._visit(os.fspath(self._bucket_dir), found, time.time_ns())
         found.sort(key=lambda item: item[2].st_mtime_ns)
         return found
+
+    def _visit(self, folder: str, found: list[tuple[str, Path, os.stat_result]], now_ns: int) -> None:
+        """Add a folder's new files to ``found``, then visit its subfolders.
+
+        :param folder: the folder.
+        :param found: where new files go.
+        :param now_ns: the scan's wall-clock time.
+        """
+        try:
+            modified_ns = os.stat(folder).st_mtime_ns
+        except FileNotFoundError:
+            self._folders.pop(folder, None)
+            return
+        known = self._folders.get(folder)
+        if known is not None and known[0] == modified_ns and now_ns - modified_ns > SETTLE_SECONDS * 1e9:
+            subfolders = known[1]
+        else:
+            subfolders = self._list(folder, found)
+            self._folders[folder] = (modified_ns, subfolders)
+        for subfolder in subfolders:
+            self._visit(subfolder, found, now_ns)
+
+    def _list(self, folder: str, found: list[tuple[str, Path, os.stat_result]]) -> list[str]:
+        """List one folder: add its new files to ``found`` and return its subfolders.
+
+        :param folder: the folder.
+        :param found: where new files go.
+        """
+        subfolders = []
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return subfolders
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subfolders.append(entry.path)
+                continue
+            if _is_temporary(entry.name):
+                continue
+            key = Path(entry.path).relative_to(self._bucket_dir).as_posix()
+            seen = self._seen.get(key)
+            if seen is not None and seen[0] == entry.inode():
+                continue
+            try:
+                stat = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if seen is not None and seen == (stat.st_ino, stat.st_size, stat.st_mtime_ns):
+                continue
+            found.append((key, Path(entry.path), stat))
+        return subfolders
 
     def scan(self) -> list[ReceivedObject]:
         """Return the objects that are new or rewritten since the last scan, oldest first."""
         received = []
-        for key, path, stat in self._complete_files():
-            fingerprint = (stat.st_size, stat.st_mtime_ns)
-            if self._seen.get(key) == fingerprint:
-                continue
+        for key, path, stat in self._new_files():
             try:
                 md5 = md5_of(path)
             except FileNotFoundError:
                 continue
             header, rejection = read_header(path)
-            self._seen[key] = fingerprint
+            self._seen[key] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
             received.append(ReceivedObject(key, stat.st_size, md5, header, rejection))
         return received
 
     def forget(self) -> None:
-        """Forget every object seen, e.g. after the store was emptied."""
+        """Forget every object and folder seen, e.g. after the store was emptied."""
         self._seen.clear()
+        self._folders.clear()
