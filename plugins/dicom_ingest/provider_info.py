@@ -20,6 +20,7 @@ HOOK_CLASS_NAME = "dicom_ingest.hooks.dicom_ingest.DicomIngestHook"
 _STRING = ["string", "null"]
 _NUMBER = ["number", "null"]
 _INTEGER = ["integer", "null"]
+_BOOLEAN = ["boolean", "null"]
 
 _EXTRA_FIELDS: dict[str, tuple[str, list[str], str]] = {
     "token_url": ("Token URL", _STRING, "OAuth2 token endpoint; defaults to <API base URL>/oauth2/token."),
@@ -56,6 +57,11 @@ _EXTRA_FIELDS: dict[str, tuple[str, list[str], str]] = {
         "Upload concurrency",
         _INTEGER,
         "Most parallel uploads per client (the vendor asks for no more than 20).",
+    ),
+    "presign_ahead": (
+        "Presign ahead",
+        _BOOLEAN,
+        "Ask for each upload's presigned URL while the previous upload is still sending.",
     ),
 }
 

@@ -713,6 +713,41 @@ def test_put_concurrency_is_capped(make_hook, vendor, mocked):
     assert peak == 3
 
 
+def test_presigning_ahead_asks_for_each_url_once_while_uploads_are_sending(make_hook, vendor, mocked):
+    urls = [presigned_url(f"incoming/obj-{n}.dcm") for n in range(1, 7)]
+    serve_presign(vendor, *urls)
+    data = b"DICM-ahead"
+    for url in urls:
+        serve_store(mocked, url, etag_answer(data))
+    hook = make_hook(upload_concurrency=2)
+
+    with hook.presigning_ahead() as supply:
+        supply.expect(6)
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda _: hook.upload_instance(io.BytesIO(data)), range(6)))
+
+    assert len(vendor.requests_to("/upload")) == 6
+    assert supply.handed_out == 6
+    expected_keys = sorted(f"bucket/incoming/obj-{n}.dcm" for n in range(1, 7))
+    assert sorted(result.key for result in results) == expected_keys
+
+
+def test_presign_ahead_can_be_switched_off(make_hook, vendor, mocked):
+    serve_presign(vendor, presigned_url())
+    data = b"DICM-one-at-a-time"
+    serve_store(mocked, presigned_url(), etag_answer(data))
+    hook = make_hook(presign_ahead="false")
+
+    with hook.presigning_ahead() as supply:
+        supply.expect(3)
+        assert vendor.requests_to("/upload") == []
+        for _ in range(3):
+            hook.upload_instance(io.BytesIO(data))
+
+    assert len(vendor.requests_to("/upload")) == 3
+    assert (supply.fetched, supply.handed_out) == (0, 0)
+
+
 # -- metadata, status, order ids ------------------------------------------------------------------
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -198,6 +199,8 @@ class FakeVendor:
         self.start_listeners: list[Callable[[str], None]] = []
         self.filed_listeners: list[Callable[[str], None]] = []
         self.patch_listeners: list[Callable[[Patch], None]] = []
+        self.announced: list[int] = []
+        self.lookahead_open = False
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -218,6 +221,20 @@ class FakeVendor:
             self.statuses[order_id] = status
 
     # -- what the uploader calls ----------------------------------------------------------------
+
+    @contextmanager
+    def presigning_ahead(self) -> Iterator[FakeVendor]:
+        """Note the uploads the batch announces (the stand-in needs no presigned URLs)."""
+        self.lookahead_open = True
+        try:
+            yield self
+        finally:
+            self.lookahead_open = False
+
+    def expect(self, uploads: int) -> None:
+        """Record an announcement of uploads to come."""
+        with self._lock:
+            self.announced.append(uploads)
 
     def upload_instance(self, source: BinaryIO, *, size: int | None = None) -> UploadResult:
         """Read the instance from its stream, file it into an order and answer like the hook."""

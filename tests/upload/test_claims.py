@@ -49,6 +49,7 @@ def test_each_claim_answer_is_followed(
     result = make_uploader().run(studies)
 
     assert vendor.started_studies() == [fresh.study_uid] * 2
+    assert vendor.announced == [2]  # presigned URLs are prepared only for the study sent
     assert sorted(vendor.patched_orders()) == sorted(["order-resumable", vendor.orders[fresh.study_uid][0]])
     states = {study.study_uid: ledger.study_detail(SITE, study.study_uid) for study in studies}
     assert {uid: detail.state for uid, detail in states.items() if detail} == {
@@ -90,6 +91,7 @@ def test_a_second_run_of_a_finished_batch_sends_nothing(
     assert (first.uploaded, first.orders) == (6, 2)
     assert (second.uploaded, second.orders, second.skipped_done) == (0, 0, 2)
     assert (vendor.put_starts, vendor.patches) == (starts, patches)
+    assert vendor.announced == [3, 3]  # no presigned URL is prepared for the second run
 
 
 def test_a_retry_takes_its_own_interrupted_study_back_at_once_and_resends_it_whole(

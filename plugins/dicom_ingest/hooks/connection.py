@@ -70,6 +70,7 @@ class DicomIngestConnectionConfig(BaseModel):
     backoff_max: PositiveFloat = 30.0
     retry_after_max: PositiveFloat = 60.0
     upload_concurrency: PositiveInt = 20
+    presign_ahead: bool = True
 
     @model_validator(mode="before")
     @classmethod

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -35,6 +36,7 @@ from dicom_ingest.exceptions import (
 )
 from dicom_ingest.hooks.connection import DicomIngestConnectionConfig
 from dicom_ingest.hooks.models import OrderStatus, PresignedUrl, UploadResult, order_ids_from_response
+from dicom_ingest.hooks.presign import PresignedUrlSupply
 from dicom_ingest.hooks.transport import (
     HTTP_ERROR_FLOOR,
     HTTP_UNAUTHORIZED,
@@ -65,7 +67,7 @@ with warnings.catch_warnings():
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Mapping
+    from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 """Module logger (standard logging, which Airflow routes through its secret masker into task logs)."""
@@ -312,6 +314,7 @@ class DicomIngestHook(_DicomIngestHookBase):
         self._sleep = sleep
         self._session: OAuth2Session | None = None
         self._upload_slots: threading.BoundedSemaphore | None = None
+        self._url_supply: PresignedUrlSupply | None = None
         self._setup_lock = threading.Lock()
         self._token_lock = threading.Lock()
 
@@ -482,6 +485,35 @@ class DicomIngestHook(_DicomIngestHookBase):
             operation=operation,
             request_id=request_id_of(response),
         )
+
+    def next_presigned_url(self) -> PresignedUrl:
+        """Return a URL for a new instance: one requested ahead if any, else a new one (one attempt)."""
+        supply = self._url_supply
+        url = supply.take() if supply is not None else None
+        return url if url is not None else self.presign_once()
+
+    @contextmanager
+    def presigning_ahead(self) -> Iterator[PresignedUrlSupply]:
+        """Within the block, request presigned URLs while earlier uploads are still sending.
+
+        Announce the uploads to come with the supply's ``expect``; up to ``upload_concurrency`` URLs
+        are then kept ready or requested, never more than announced. Without the connection's
+        ``presign_ahead`` setting the supply requests nothing and uploads presign as usual.
+        """
+        config = self.config
+        supply = PresignedUrlSupply(
+            self.presign_once,
+            self._clock,
+            depth=config.upload_concurrency if config.presign_ahead else 0,
+            wait_limit=sum(config.timeout),
+        )
+        previous, self._url_supply = self._url_supply, supply
+        try:
+            yield supply
+        finally:
+            self._url_supply = previous
+            supply.close()
+            log.debug("Presigned URLs: %d requested ahead, %d used", supply.fetched, supply.handed_out)
 
     def presign(self) -> PresignedUrl:
         """Ask the vendor for a presigned PUT URL for one new instance, with retries."""

@@ -124,8 +124,8 @@ def _remaining_size(stream: BinaryIO) -> int:
 class UploadTransport(Protocol):
     """The calls an upload strategy may make; the sync hook provides them."""
 
-    def presign_once(self) -> PresignedUrl:
-        """Ask the vendor for one presigned PUT URL, in a single attempt."""
+    def next_presigned_url(self) -> PresignedUrl:
+        """Return a presigned PUT URL for a new instance (one requested ahead, or one attempt now)."""
         ...
 
     def put_object(self, target: PresignedUrl, body: HashingReader) -> str:
@@ -175,7 +175,7 @@ class SinglePutUpload:
             with attempt:
                 attempts += 1
                 if target is None or not target.is_usable(transport.clock()):
-                    target = transport.presign_once()
+                    target = transport.next_presigned_url()
                 body.rewind()
                 try:
                     etag = transport.put_object(target, body)

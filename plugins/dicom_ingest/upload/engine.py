@@ -58,7 +58,7 @@ from dicom_ingest.ledger import (
 from dicom_ingest.staging.plan import PlannedInstance, PlannedStudy
 from dicom_ingest.upload.orders import FinalisedStudy, OrderFinaliser, StudyOrderRequest
 from dicom_ingest.upload.progress import ProgressMeter
-from dicom_ingest.upload.protocols import StagedFiles, VendorClient
+from dicom_ingest.upload.protocols import StagedFiles, UploadLookahead, VendorClient
 from dicom_ingest.upload.results import BatchResult, FailureReason
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,7 @@ class BatchUploader:
         self._flush_due = math.inf
         self._counts = _Counts()
         self._meter: ProgressMeter | None = None
+        self._lookahead: UploadLookahead | None = None
 
     # -- the batch ------------------------------------------------------------------------------
 
@@ -275,19 +276,22 @@ class BatchUploader:
             total_bytes / 1e6,
             self.concurrency,
         )
-        workers = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"upload-{self.batch_id}")
-        finalisers = ThreadPoolExecutor(FINALISER_THREADS, thread_name_prefix=f"finalise-{self.batch_id}")
-        for _ in range(self.concurrency):
-            workers.submit(self._work)
-        completed = False
-        try:
-            self._coordinate(deque(enumerate(planned)), finalisers)
-            completed = True
-        except BaseException:
-            self._record_uploads_before_stopping()
-            raise
-        finally:
-            self._shut_down(workers, finalisers, completed=completed)
+        with self._hook.presigning_ahead() as lookahead:
+            self._lookahead = lookahead
+            workers = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"upload-{self.batch_id}")
+            finalisers = ThreadPoolExecutor(FINALISER_THREADS, thread_name_prefix=f"finalise-{self.batch_id}")
+            for _ in range(self.concurrency):
+                workers.submit(self._work)
+            completed = False
+            try:
+                self._coordinate(deque(enumerate(planned)), finalisers)
+                completed = True
+            except BaseException:
+                self._record_uploads_before_stopping()
+                raise
+            finally:
+                self._shut_down(workers, finalisers, completed=completed)
+                self._lookahead = None
         meter.log(log)
         counts = self._counts
         log.info(
@@ -412,6 +416,8 @@ class BatchUploader:
             self._fail(run, FailureReason.ORDER_LOOKUP_FAILED)
             return
         run.pending = len(study.instances)
+        if self._lookahead is not None:
+            self._lookahead.expect(run.pending)
         for number, instance in enumerate(study.instances):
             self._jobs.put((sequence, number, _InstanceJob(run, instance)))
         if not study.instances:

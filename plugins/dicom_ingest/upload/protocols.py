@@ -7,14 +7,30 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 if TYPE_CHECKING:
     from dicom_ingest.hooks.models import OrderStatus, UploadResult
 
 
+class UploadLookahead(Protocol):
+    """Work a client may prepare ahead of the uploads announced to it (presigned URLs)."""
+
+    def expect(self, uploads: int) -> None:
+        """Announce uploads still to come.
+
+        :param uploads: how many.
+        """
+        ...
+
+
 class VendorClient(Protocol):
     """The vendor calls a batch upload makes (thread-safe: upload workers share one client)."""
+
+    def presigning_ahead(self) -> AbstractContextManager[UploadLookahead]:
+        """Within the block, uploads may use presigned URLs requested while earlier ones were sending."""
+        ...
 
     def upload_instance(self, source: BinaryIO, *, size: int | None = None) -> UploadResult:
         """Stream one instance to the vendor's store, with the connection's retries.
