@@ -6,6 +6,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from dicom_ingest.ledger import Ledger, StudyState
 from dicom_ingest.upload import BatchUploader
 from tests.upload.support import SITE, FakeVendor, Patch, record_plan, sop_uid, stage_study, study_uid
@@ -88,3 +90,35 @@ def test_every_instance_is_streamed_from_its_staged_file_and_recorded(
     }
     assert all(instance.md5 and instance.md5 == instance.etag for instance in detail.instances)
     assert (result.uploaded, result.bytes) == (4, study.bytes)
+
+
+def test_the_next_study_is_claimed_before_the_workers_run_out_of_work(
+    make_uploader: Callable[..., BatchUploader],
+    vendor: FakeVendor,
+    ledger: Ledger,
+    staging_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first, second = (stage_study(staging_root, number, 2) for number in (1, 2))
+    record_plan(ledger, [first, second])
+    claimed: set[str] = set()
+    second_claimed = threading.Event()
+    claim_study = ledger.claim_study
+
+    def spying_claim(site: str, study: str, *args: object, **kwargs: object) -> object:
+        answer = claim_study(site, study, *args, **kwargs)
+        claimed.add(study)
+        if study == second.study_uid:
+            second_claimed.set()
+        return answer
+
+    monkeypatch.setattr(ledger, "claim_study", spying_claim)
+    # The one worker holds the first study's first instance until the second study is claimed:
+    # an uploader that claims only once the queue is empty never gets there.
+    vendor.gates[sop_uid(1, 0)] = second_claimed
+
+    result = make_uploader(concurrency=1).run([first, second])
+
+    assert vendor.gate_timeouts == []
+    assert claimed == {first.study_uid, second.study_uid}
+    assert (result.uploaded, result.orders) == (4, 2)

@@ -3,9 +3,10 @@
 How a batch flows:
 
 - The coordinating thread (the caller's) claims studies in the ledger one after another, only
-  as far ahead as the workers need: a study is claimed when fewer than ``concurrency`` instances
-  are waiting. The claim says what to do: ``skip`` (already with the vendor, or held back),
-  ``busy`` (another live worker has it), ``resume_metadata`` (every instance is uploaded: only
+  as far ahead as the workers need: a study is claimed when fewer than two instances per worker
+  are waiting, so the workers never drain the queue while a claim is being written. The claim
+  says what to do: ``skip`` (already with the vendor, or held back), ``busy`` (another live
+  worker has it), ``resume_metadata`` (every instance is uploaded: only
   the order and its metadata are missing) or ``upload_all`` (send every instance; a re-send of an
   interrupted study is whole, on purpose, so that it joins or replaces the earlier order).
 - Instances wait in one priority queue ordered by (study sequence, instance sequence), served by
@@ -80,6 +81,10 @@ FINALISER_THREADS = 2
 """Studies whose order is being resolved at the same time."""
 MAX_EVENT_WAIT = 0.5
 """Longest real wait for a worker's news before the coordinator checks its clocks again."""
+MAX_EVENTS_PER_TURN = 256
+"""Pieces of news handled in one turn before the coordinator checks its clocks again."""
+QUEUED_PER_WORKER = 2
+"""Instances kept queued per worker: the next study is claimed before the workers run out of work."""
 
 _NO_MORE_WORK = math.inf
 """Priority of the stop signal: it sorts after every instance."""
@@ -330,21 +335,18 @@ class BatchUploader:
         next_progress = self._clock() + self._progress_interval
         next_renewal = self._clock() + self._renew_interval
         while True:
-            while waiting and self._jobs.qsize() < self.concurrency:
+            while waiting and self._jobs.qsize() < QUEUED_PER_WORKER * self.concurrency:
                 self._claim(*waiting.popleft(), finalisers)
             if not waiting and not self._active:
                 self._record_uploads()
                 return
             next_deadline = min(next_progress, next_renewal, self._flush_due)
             wait = min(MAX_EVENT_WAIT, max(0.0, next_deadline - self._clock()))
-            try:
-                event = self._events.get(timeout=wait)
-            except queue.Empty:
-                event = None
-            if isinstance(event, _InstanceSettled):
-                self._instance_settled(event, finalisers)
-            elif isinstance(event, _StudyFinalised):
-                self._study_finalised(event)
+            for event in self._next_events(wait):
+                if isinstance(event, _InstanceSettled):
+                    self._instance_settled(event, finalisers)
+                else:
+                    self._study_finalised(event)
             now = self._clock()
             if now >= self._flush_due:
                 self._record_uploads()
@@ -354,6 +356,22 @@ class BatchUploader:
             if now >= next_renewal:
                 self._renew_claims()
                 next_renewal = now + self._renew_interval
+
+    def _next_events(self, wait: float) -> list[_InstanceSettled | _StudyFinalised]:
+        """Wait up to ``wait`` seconds for news, then take the news already there (a bounded amount).
+
+        :param wait: seconds to wait for the first piece.
+        """
+        try:
+            events = [self._events.get(timeout=wait)]
+        except queue.Empty:
+            return []
+        while len(events) < MAX_EVENTS_PER_TURN:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        return events
 
     def _shut_down(
         self, workers: ThreadPoolExecutor, finalisers: ThreadPoolExecutor, *, completed: bool
