@@ -24,10 +24,11 @@ CONNECTION_ID = "dicom_ingest_bench"
 CONNECTION_ENV = f"AIRFLOW_CONN_{CONNECTION_ID.upper()}"
 
 
-def connection_json(api: VendorApi) -> str:
+def connection_json(api: VendorApi, extra: Mapping[str, Any] | None = None) -> str:
     """Return the benchmark's ``dicom_ingest`` connection to the sandbox, in Airflow's JSON form.
 
     :param api: the sandbox's API and credentials.
+    :param extra: connection extras (defaults otherwise).
     """
     return json.dumps(
         {
@@ -35,18 +36,20 @@ def connection_json(api: VendorApi) -> str:
             "host": api.base_url,
             "login": api.client_id,
             "password": api.client_secret,
+            **({"extra": dict(extra)} if extra else {}),
         }
     )
 
 
 @contextmanager
-def vendor_connection(api: VendorApi) -> Iterator[None]:
+def vendor_connection(api: VendorApi, extra: Mapping[str, Any] | None = None) -> Iterator[None]:
     """Make the benchmark's connection visible to hooks in this process (an environment variable).
 
     :param api: the sandbox's API and credentials.
+    :param extra: connection extras (defaults otherwise).
     """
     previous = os.environ.get(CONNECTION_ENV)
-    os.environ[CONNECTION_ENV] = connection_json(api)
+    os.environ[CONNECTION_ENV] = connection_json(api, extra)
     try:
         yield
     finally:

@@ -17,6 +17,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -31,6 +32,12 @@ METHODS = ("plugin", "ceiling", "naive")
 TOP_FUNCTIONS = 30
 
 
+def _cpu_seconds() -> float:
+    """Return the CPU seconds this process has used so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Generate the dataset, start a sandbox, run the method once (profiled when asked)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,6 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="round trip added by the sandbox")
     parser.add_argument("--cprofile", type=Path, help="profile the upload with cProfile into this file")
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dicom_ingest connection extra for the plugin, e.g. presign_ahead=false (repeatable)",
+    )
     arguments = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="dicom-ingest-profile-") as folder:
@@ -69,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         reports_location=str(scratch / "reports"),
                     )
                 )
-                stack.enter_context(product.vendor_connection(api))
+                extra = dict(item.split("=", 1) for item in arguments.extra)
+                stack.enter_context(product.vendor_connection(api, extra))
                 plan = product.plan_run(site, "profile")
 
                 def upload() -> object:
@@ -86,14 +101,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return naive_upload(api, dataset.files)
 
             profiler = cProfile.Profile() if arguments.cprofile else None
+            cpu_before = _cpu_seconds()
             started = time.perf_counter()
             if profiler is not None:
                 profiler.runcall(upload)
             else:
                 upload()
             seconds = time.perf_counter() - started
+            cpu = _cpu_seconds() - cpu_before
             rate = arguments.dataset.instances / seconds
-            print(f"{arguments.method}: {rate:.1f} instances/s ({seconds:.2f} s)")
+            print(
+                f"{arguments.method}: {rate:.1f} instances/s ({seconds:.2f} s), "
+                f"uploader CPU {cpu:.2f} s ({cpu / arguments.dataset.instances * 1000:.2f} ms per instance)"
+            )
     if profiler is not None and arguments.cprofile is not None:
         profiler.dump_stats(arguments.cprofile)
         stats = pstats.Stats(str(arguments.cprofile), stream=sys.stdout)

@@ -10,6 +10,9 @@
     most ``--naive-max-instances``: a sequential loop's rate does not depend on how many it sends);
   - ``ceiling``: a thread pool over one pooled ``requests.Session`` doing presign + PUT only, with
     the thread count that was best in a sweep (``--sweep``) made first on a sample;
+  - ``ceiling+md5``: the same client with the same threads, also hashing each body as it streams
+    and checking the store's ETag against it (what any client that checks what arrived must do;
+    it shows what the integrity check alone costs);
   - ``plugin``: the product's upload path (plan recorded in a fresh ledger, then the upload
     task's engine: hook, ledger writes, metadata PATCH, progress);
   - on the ``--dag-dataset`` instead: the ceiling, ``dag``, the whole ``airflow dags test`` of
@@ -68,11 +71,13 @@ log = logging.getLogger("bench")
 LOOPBACK = "loopback"
 WAN = "wan"
 CONDITIONS = (LOOPBACK, WAN)
-NAIVE, CEILING, PLUGIN, DAG, DAG_EMPTY = "naive", "ceiling", "plugin", "dag", "dag-empty"
+NAIVE, CEILING, CEILING_MD5, PLUGIN = "naive", "ceiling", "ceiling+md5", "plugin"
+DAG, DAG_EMPTY = "dag", "dag-empty"
 SECTIONS = ("uploads", "memory", "scan", "parse", "ledger")
 
 PLUGIN_OVER_CEILING = "plugin/ceiling"
 PLUGIN_OVER_NAIVE = "plugin/naive"
+PLUGIN_OVER_CEILING_MD5 = "plugin/(ceiling+md5)"
 DAG_OVER_CEILING = "dag/ceiling"
 DAG_WALL_OVER_LIMIT = "dag wall / (1.3 x ceiling wall + quiet period)"
 DAG_WALL_FACTOR = 1.3
@@ -361,11 +366,16 @@ def naive_sample(context: ConditionContext, dataset: StagedDataset, limit: int) 
     return _raw_sample(context, NAIVE, files, lambda: naive_upload(context.api, files), 1)
 
 
-def ceiling_sample(context: ConditionContext, files: Sequence[Any], workers: int) -> Sample:
-    """Measure the pooled thread-pool client with ``workers`` threads."""
+def ceiling_sample(
+    context: ConditionContext, files: Sequence[Any], workers: int, *, verify: bool = False
+) -> Sample:
+    """Measure the pooled thread-pool client with ``workers`` threads (``verify``: hashing, ETag checked)."""
     from bench.clients import pooled_upload
 
-    return _raw_sample(context, CEILING, files, lambda: pooled_upload(context.api, files, workers), workers)
+    method = CEILING_MD5 if verify else CEILING
+    return _raw_sample(
+        context, method, files, lambda: pooled_upload(context.api, files, workers, verify=verify), workers
+    )
 
 
 def _run_id(context: ConditionContext) -> str:
@@ -445,26 +455,34 @@ def best_ceiling_workers(context: ConditionContext, dataset: StagedDataset, opti
 
 
 def measure_dataset(context: ConditionContext, dataset: StagedDataset, options: Options) -> None:
-    """Run naive, ceiling and plugin ``options.runs`` times, interleaved, keeping the per-run ratios."""
+    """Run every upload method ``options.runs`` times, interleaved, keeping each run's ratios."""
     condition, name, results = context.condition, dataset.spec.name, context.results
     workers = best_ceiling_workers(context, dataset, options)
     for run in range(1, options.runs + 1):
         naive = results.add(condition, name, naive_sample(context, dataset, options.naive_max_instances))
         ceiling = results.add(condition, name, ceiling_sample(context, dataset.files, workers))
+        verified = results.add(condition, name, ceiling_sample(context, dataset.files, workers, verify=True))
         plugin = results.add(condition, name, plugin_sample(context, dataset))
         results.ratio(
             condition, name, PLUGIN_OVER_CEILING, plugin.instances_per_second / ceiling.instances_per_second
         )
         results.ratio(
+            condition,
+            name,
+            PLUGIN_OVER_CEILING_MD5,
+            plugin.instances_per_second / verified.instances_per_second,
+        )
+        results.ratio(
             condition, name, PLUGIN_OVER_NAIVE, plugin.instances_per_second / naive.instances_per_second
         )
         log.info(
-            "%s %s run %d: naive %.0f/s, ceiling %.0f/s, plugin %.0f/s",
+            "%s %s run %d: naive %.0f/s, ceiling %.0f/s, ceiling+md5 %.0f/s, plugin %.0f/s",
             condition,
             name,
             run,
             naive.instances_per_second,
             ceiling.instances_per_second,
+            verified.instances_per_second,
             plugin.instances_per_second,
         )
 

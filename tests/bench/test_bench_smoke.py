@@ -14,6 +14,7 @@ import pytest
 
 from bench.run import (
     CEILING,
+    CEILING_MD5,
     DAG,
     DAG_EMPTY,
     DAG_OVER_CEILING,
@@ -22,6 +23,7 @@ from bench.run import (
     NAIVE,
     PLUGIN,
     PLUGIN_OVER_CEILING,
+    PLUGIN_OVER_CEILING_MD5,
     PLUGIN_OVER_NAIVE,
     WAN,
     Options,
@@ -34,7 +36,7 @@ from dicom_ingest_sandbox.testing import Sandbox
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.slow]
 
-RAW_AND_PLUGIN = (NAIVE, CEILING, PLUGIN)
+RAW_AND_PLUGIN = (NAIVE, CEILING, CEILING_MD5, PLUGIN)
 LEDGER_MEASUREMENTS = 5
 SECTION_HEADINGS = ("Uploads", "Ceiling sweep", "Targets", "Memory", "Header scan", "DAG-file", "Ledger")
 
@@ -74,6 +76,7 @@ def test_the_quick_harness_fills_every_row_of_every_section(sandbox: Sandbox) ->
     for spec in options.datasets:
         assert f"{PLUGIN_OVER_CEILING} ({LOOPBACK}, {spec.name})" in figures
         assert f"{PLUGIN_OVER_NAIVE} ({LOOPBACK}, {spec.name})" in figures
+        assert f"{PLUGIN_OVER_CEILING_MD5} ({LOOPBACK}, {spec.name})" in figures
     for ratio in (DAG_OVER_CEILING, DAG_WALL_OVER_LIMIT):
         assert f"{ratio} ({LOOPBACK}, {options.dag_dataset.name})" in figures
     assert any(figure.startswith("peak RSS growth") for figure in figures)

@@ -143,7 +143,9 @@ class PresignedUrlSupply:
                 self.fetched += 1
                 if not self._closed:
                     self._ready.append(url)
-            self._changed.notify_all()
+            # One request settled: one waiter has something new to look at (a URL, or the news
+            # that fewer are coming); waking them all would only cost CPU.
+            self._changed.notify()
 
     def close(self) -> None:
         """Stop requesting URLs, drop the ready ones, and wait for the requests on their way."""
