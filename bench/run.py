@@ -147,7 +147,7 @@ class Options:
     wan_rtt_ms: float = 40.0
     datasets: tuple[DatasetSpec, ...] = DEFAULT_DATASETS
     dag_dataset: DatasetSpec | None = DEFAULT_DAG_DATASET
-    sweep: tuple[int, ...] = (4, 8, 16, 32)
+    sweep: tuple[int, ...] = (4, 8, 16, 20, 32)
     sweep_max_instances: int = 1000
     naive_max_instances: int = 200
     upload_concurrency: int = 20
