@@ -201,15 +201,19 @@ class StoreWatcher:
             entries = list(os.scandir(folder))
         except FileNotFoundError:
             return subfolders
+        relative = os.path.relpath(folder, self._bucket_dir)
+        prefix = "" if relative == os.curdir else relative.replace(os.sep, "/") + "/"
+        seen_objects = self._seen
         for entry in entries:
+            # Cheapest checks first: this loop runs over every object of a folder that changed.
+            key = prefix + entry.name
+            seen = seen_objects.get(key)
+            if seen is not None and seen[0] == entry.inode():
+                continue
             if entry.is_dir(follow_symlinks=False):
                 subfolders.append(entry.path)
                 continue
             if _is_temporary(entry.name):
-                continue
-            key = Path(entry.path).relative_to(self._bucket_dir).as_posix()
-            seen = self._seen.get(key)
-            if seen is not None and seen[0] == entry.inode():
                 continue
             try:
                 stat = entry.stat(follow_symlinks=False)
