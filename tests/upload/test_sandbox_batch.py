@@ -135,3 +135,25 @@ def test_a_study_failing_mid_way_is_reported_and_its_rerun_joins_the_same_order(
         1,
         [],
     )
+
+
+def test_urls_asked_for_ahead_survive_a_refusing_presign_endpoint_and_none_is_wasted(
+    fresh_sandbox_state: Sandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    staged: StagedRun,
+    upload_batch: Callable[[int], BatchResult],
+) -> None:
+    sandbox = fresh_sandbox_state
+    connect(monkeypatch, sandbox)
+    # Three GET /upload in a row are refused mid-batch, whether a worker or the supply asked.
+    sandbox.faults({"endpoint": "upload", "status": 503, "after": 5, "count": 3})
+
+    result = upload_batch(4)
+
+    assert (result.uploaded, result.orders, result.failed) == (STUDIES * INSTANCES, STUDIES, 0)
+    assert_one_complete_order_each(wait_until_delivered(sandbox, set(staged.instances)), staged)
+    state = sandbox.state()
+    issued = [event for event in state["audit"] if event["event"] == "url_issued"]
+    # One URL per instance: nothing asked for ahead was left over, and the refusals were retried.
+    assert len(issued) == STUDIES * INSTANCES
+    assert state["calls"]["upload"] == STUDIES * INSTANCES + 3
