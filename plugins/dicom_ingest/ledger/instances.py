@@ -13,12 +13,12 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, bindparam, insert, select, update
+from sqlalchemy import Row, bindparam, insert, update
 from sqlalchemy.orm import Session
 
 from dicom_ingest.ledger.errors import UnknownStudyError
 from dicom_ingest.ledger.models import Event, Instance, InstanceState, Study, StudyState
-from dicom_ingest.ledger.planning import batched
+from dicom_ingest.ledger.planning import batched, rows_by_uid
 
 FINAL_INSTANCE_STATES = frozenset({InstanceState.METADATA_SENT, InstanceState.VERIFIED})
 """Instance states no upload outcome changes any more."""
@@ -110,31 +110,16 @@ def record_instance_outcomes(
 def _study_uids_of(session: Session, site_id: str, sop_uids: Sequence[str]) -> dict[str, str]:
     """Return the study of each known instance among ``sop_uids`` (without locking anything)."""
     instances = Instance.__table__
-    study_of: dict[str, str] = {}
-    for part in batched(sop_uids):
-        study_of.update(
-            session.execute(
-                select(instances.c.sop_uid, instances.c.study_uid).where(
-                    instances.c.site_id == site_id, instances.c.sop_uid.in_(part)
-                )
-            ).all()
-        )
-    return study_of
+    selected = [instances.c.sop_uid, instances.c.study_uid]
+    found = rows_by_uid(session, selected, instances.c.sop_uid, site_id, sop_uids, lock=False)
+    return {sop_uid: row.study_uid for sop_uid, row in found.items()}
 
 
 def _lock_studies(session: Session, site_id: str, study_uids: Sequence[str]) -> dict[str, Row[Any]]:
     """Lock the studies in UID order and return their state and run by UID."""
     studies = Study.__table__
-    locked: dict[str, Row[Any]] = {}
-    for part in batched(study_uids):
-        for row in session.execute(
-            select(studies.c.study_uid, studies.c.state, studies.c.run_id)
-            .where(studies.c.site_id == site_id, studies.c.study_uid.in_(part))
-            .order_by(studies.c.study_uid)
-            .with_for_update()
-        ):
-            locked[row.study_uid] = row
-    return locked
+    selected = [studies.c.study_uid, studies.c.state, studies.c.run_id]
+    return rows_by_uid(session, selected, studies.c.study_uid, site_id, study_uids, lock=True)
 
 
 def _lock_instances(
@@ -144,16 +129,7 @@ def _lock_instances(
     instances = Instance.__table__
     selected = [instances.c.id, instances.c.sop_uid, instances.c.study_uid, instances.c.state]
     selected.extend(instances.c[name] for name in columns)
-    locked: dict[str, Row[Any]] = {}
-    for part in batched(sop_uids):
-        for row in session.execute(
-            select(*selected)
-            .where(instances.c.site_id == site_id, instances.c.sop_uid.in_(part))
-            .order_by(instances.c.sop_uid)
-            .with_for_update()
-        ):
-            locked[row.sop_uid] = row
-    return locked
+    return rows_by_uid(session, selected, instances.c.sop_uid, site_id, sop_uids, lock=True)
 
 
 def _renew_claims(session: Session, site_id: str, study_uids: Sequence[str], now: datetime) -> None:

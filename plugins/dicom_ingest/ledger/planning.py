@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import case, func, insert, null, select, update
+from sqlalchemy import Column, Row, case, func, insert, null, select, update
 from sqlalchemy.orm import Session
 
 from dicom_ingest.ledger.engine import dialect_insert
@@ -41,6 +41,35 @@ def batched(items: Sequence[_T], size: int = IN_LIST_SIZE) -> Iterator[Sequence[
     """
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def rows_by_uid(
+    session: Session,
+    columns: Sequence[Column[Any]],
+    uid_column: Column[Any],
+    site_id: str,
+    uids: Sequence[str],
+    *,
+    lock: bool,
+) -> dict[str, Row[Any]]:
+    """Select a site's rows whose ``uid_column`` is among ``uids`` (bounded ``IN`` lists), by UID.
+
+    :param session: the open transaction.
+    :param columns: the columns to select (``uid_column`` among them), all of one table.
+    :param uid_column: the UID column matched against ``uids``.
+    :param site_id: the site (the table's ``site_id``).
+    :param uids: the UIDs, in the order their rows are to be locked.
+    :param lock: lock the rows (``FOR UPDATE``), in UID order within each list.
+    """
+    site_column = uid_column.table.c.site_id
+    found: dict[str, Row[Any]] = {}
+    for part in batched(uids):
+        statement = select(*columns).where(site_column == site_id, uid_column.in_(part))
+        if lock:
+            statement = statement.order_by(uid_column).with_for_update()
+        for row in session.execute(statement):
+            found[getattr(row, uid_column.key)] = row
+    return found
 
 
 def plan_chunks(studies: Sequence[PlannedStudy], max_instances: int) -> Iterator[list[PlannedStudy]]:
@@ -176,17 +205,9 @@ def _insert_new_studies(session: Session, scope: PlanScope, uids: list[str], now
 def _lock_known_studies(session: Session, site_id: str, uids: list[str]) -> dict[str, str]:
     """Lock the known studies (in UID order) and return their states."""
     studies = Study.__table__
-    states: dict[str, str] = {}
-    for part in batched(uids):
-        states.update(
-            session.execute(
-                select(studies.c.study_uid, studies.c.state)
-                .where(studies.c.site_id == site_id, studies.c.study_uid.in_(part))
-                .order_by(studies.c.study_uid)
-                .with_for_update()
-            ).all()
-        )
-    return states
+    selected = [studies.c.study_uid, studies.c.state]
+    locked = rows_by_uid(session, selected, studies.c.study_uid, site_id, uids, lock=True)
+    return {uid: row.state for uid, row in locked.items()}
 
 
 def _move_studies_to_plan(session: Session, scope: PlanScope, uids: list[str], now: datetime) -> None:
