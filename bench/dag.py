@@ -19,11 +19,9 @@ from pathlib import Path
 import yaml
 
 from bench.clients import VendorApi
-from bench.harness import children_cpu_seconds
+from bench.harness import DAG_FILE, REPO_ROOT, children_cpu_seconds
 from bench.product import CONNECTION_ENV, SITE_ID, connection_json, site_entry
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DAG_FILE = REPO_ROOT / "dags" / "dicom_ingest_sites.py"
 DAG_ID = f"dicom_ingest__{SITE_ID}"
 STAGING_ENV = "DICOM_INGEST_BENCH_STAGING"
 LEDGER_ENV = "DICOM_INGEST_BENCH_LEDGER"

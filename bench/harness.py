@@ -7,18 +7,53 @@ measured side by side share whatever else the machine was doing at the time.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 BYTES_PER_MB = 1_000_000
 BYTES_PER_MIB = 2**20
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DAG_FILE = REPO_ROOT / "dags" / "dicom_ingest_sites.py"
+"""The site DAG file the benchmarks parse and run."""
+
+
+def run_json_child(
+    module: str, arguments: Sequence[str], environment: Mapping[str, str], *, timeout: float, what: str
+) -> dict[str, Any]:
+    """Run ``python -m module arguments`` from the repository root; return the JSON object it printed last.
+
+    :param module: the module to run.
+    :param arguments: its command line arguments.
+    :param environment: the child's whole environment.
+    :param timeout: seconds the child may take.
+    :param what: what the child does, for the error message.
+    :raises RuntimeError: the child failed (with the end of its standard error).
+    """
+    completed = subprocess.run(
+        [sys.executable, "-m", module, *arguments],
+        env=dict(environment),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def own_cpu_seconds() -> float:

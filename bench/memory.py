@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from bench.harness import run_json_child
+
 _STATUS_FIELD = re.compile(r"^(VmRSS|VmHWM):\s+(\d+) kB$", re.MULTILINE)
 CHILD_TIMEOUT_SECONDS = 1800.0
 _RESET_PEAK = "5"
@@ -39,18 +39,13 @@ def measure_upload_memory(staging: Path, work: Path, environment: Mapping[str, s
     :param environment: the child's environment (with the vendor connection).
     :return: ``baseline_mib``, ``peak_mib``, ``growth_mib``, ``seconds``, ``bytes`` and ``uploaded``.
     """
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.memory", str(staging), str(work)],
-        env=dict(environment),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
+    return run_json_child(
+        "bench.memory",
+        [str(staging), str(work)],
+        environment,
         timeout=CHILD_TIMEOUT_SECONDS,
+        what="the large upload",
     )
-    if completed.returncode != 0:
-        raise RuntimeError(f"the large upload failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DAG_FILE = REPO_ROOT / "dags" / "dicom_ingest_sites.py"
+from bench.harness import DAG_FILE, REPO_ROOT, run_json_child
+
 CHILD_TIMEOUT_SECONDS = 300.0
 
 
@@ -89,18 +87,9 @@ def measure_parse_time(sites_file: Path, airflow_home: Path) -> dict[str, float]
             "DICOM_INGEST_SITES_FILE": str(sites_file),
         }
     )
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.parse_time", str(sites_file)],
-        env=environment,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=CHILD_TIMEOUT_SECONDS,
+    return run_json_child(
+        "bench.parse_time", [str(sites_file)], environment, timeout=CHILD_TIMEOUT_SECONDS, what="parsing"
     )
-    if completed.returncode != 0:
-        raise RuntimeError(f"parsing failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def _parse_once(dag_bag_class: Any) -> tuple[float, int, int]:
