@@ -285,6 +285,8 @@ class SiteConfig(_Section):
     :param owner: the DAG's owner.
     :param tags: extra DAG tags.
     :param max_file_size: larger files are quarantined as ``too_large``.
+    :param scan_processes: processes that parse the headers of a local staging area (Linux);
+        ``None`` (the default) uses the task's CPUs, at most 8; 1 parses in the task's process.
     :param work_location: where a run's plan is written (default ``dicom_ingest/<id>/work``).
     :param reports_location: where run reports go (default ``dicom_ingest/<id>/reports``).
     :param ledger: where the site's ledger lives.
@@ -312,6 +314,7 @@ class SiteConfig(_Section):
     owner: Annotated[str, StringConstraints(min_length=1)] = DEFAULT_OWNER
     tags: tuple[DagTag, ...] = ()
     max_file_size: Annotated[ByteSize, Field(gt=0, le=SINGLE_PUT_MAX_BYTES)] = ByteSize(SINGLE_PUT_MAX_BYTES)
+    scan_processes: Annotated[int, Field(ge=1)] | None = None
     work_location: Location
     reports_location: Location
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)

@@ -100,6 +100,7 @@ class SiteRuntime:
             max_batch_instances=site.batch.max_instances,
             max_batch_bytes=site.batch.max_bytes,
             metadata=metadata,
+            scan_processes=site.scan_processes,
         )
 
     @cached_property

@@ -58,6 +58,8 @@ class StagingOptions(BaseModel):
     :param header_prefix_bytes: how much of each file is read at once to parse its header; larger
         headers are read from the file itself.
     :param metadata: where order metadata comes from and which fields are required.
+    :param scan_processes: processes that parse headers of a local staging area (on Linux);
+        ``None`` uses the CPUs the task may run on, at most 8; 1 parses in the task's process.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -71,6 +73,7 @@ class StagingOptions(BaseModel):
     ignore_patterns: tuple[str, ...] = ()
     header_prefix_bytes: ByteSize = Field(default=DEFAULT_HEADER_PREFIX, ge=1024)
     metadata: MetadataOptions = Field(default_factory=MetadataOptions)
+    scan_processes: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check_quarantine_location(self) -> StagingOptions:

@@ -1,6 +1,7 @@
 """Scan a staging area into a :class:`~dicom_ingest.staging.catalog.ScanCatalog`.
 
-Every listed file is classified once, as it is listed, and streamed into the catalog. Files
+Every listed file is classified once, as it is listed (in worker processes for a local area,
+see :mod:`dicom_ingest.staging.parallel`), and streamed into the catalog in listing order. Files
 whose SOPInstanceUID repeats are then compared by content: only those are read in full (and
 hashed), so a normal scan reads headers only.
 """
@@ -10,12 +11,19 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
-from collections.abc import Collection
+from collections import Counter
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from dicom_ingest.staging.catalog import ScanCatalog
-from dicom_ingest.staging.classify import HeaderClassifier, InstanceRecord, Reason
+from dicom_ingest.staging.classify import InstanceRecord, Reason
 from dicom_ingest.staging.options import StagingOptions
+from dicom_ingest.staging.parallel import (
+    ClassifierSettings,
+    can_fork_workers,
+    classify_entries,
+    default_scan_processes,
+)
 from dicom_ingest.staging.source import EntryKind, SourceEntry, StagingSource
 
 log = logging.getLogger(__name__)
@@ -52,27 +60,36 @@ def scan_staging(
     :param catalog: an empty catalog to fill.
     :param excluded_paths: relative paths that are not instances (e.g. a manifest in the root).
     """
-    classifier = HeaderClassifier(
-        source,
+    settings = ClassifierSettings(
         max_file_size=int(options.max_file_size),
         header_prefix_bytes=int(options.header_prefix_bytes),
         tag_mapping=options.metadata.tag_mapping,
     )
-    sidecar_name = options.metadata.sidecar_name
-    classified = ignored = sidecars = 0
-    for entry in source.walk():
-        if entry.kind is EntryKind.FILE and entry.name == sidecar_name:
-            catalog.add_sidecar(entry.folder, entry.relative_path)
-            sidecars += 1
-        elif entry.relative_path in excluded_paths or _ignored(entry, options.ignore_patterns):
-            ignored += 1
-        else:
-            catalog.add(classifier.classify(entry))
-            classified += 1
-            if classified % PROGRESS_EVERY == 0:
-                log.info("Classified %d files of %s", classified, source.uri)
+    processes = options.scan_processes or default_scan_processes()
+    counts = Counter[str]()
+
+    def instance_entries() -> Iterator[SourceEntry]:
+        """Yield the entries to classify; note sidecars and ignored files on the way."""
+        for entry in source.walk():
+            if entry.kind is EntryKind.FILE and entry.name == options.metadata.sidecar_name:
+                catalog.add_sidecar(entry.folder, entry.relative_path)
+                counts["sidecars"] += 1
+            elif entry.relative_path in excluded_paths or _ignored(entry, options.ignore_patterns):
+                counts["ignored"] += 1
+            else:
+                yield entry
+
+    if processes > 1 and can_fork_workers(source):
+        log.info("Classifying the files of %s in up to %d processes", source.uri, processes)
+    classified = 0
+    for classification in classify_entries(source, settings, instance_entries(), processes=processes):
+        catalog.add(classification)
+        classified += 1
+        if classified % PROGRESS_EVERY == 0:
+            log.info("Classified %d files of %s", classified, source.uri)
     catalog.flush()
     settle_repeated_sops(source, catalog)
+    ignored, sidecars = counts["ignored"], counts["sidecars"]
     log.info(
         "Scanned %s: %d files classified, %d ignored, %d sidecars", source.uri, classified, ignored, sidecars
     )
