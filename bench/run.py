@@ -21,7 +21,8 @@
 
   with wall time, instances/s, MB/s and CPU seconds of the uploader and of the sandbox;
 - ``memory``: peak RSS growth of the product while it uploads one ``--large-instance`` (sparse);
-- ``scan``: the staging scan's files/s against a bare pydicom loop (``bench_scan``);
+- ``scan``: the staging scan's files/s against a bare pydicom loop, both in one process, and the
+  scan with its default worker processes (``bench_scan``);
 - ``parse``: DAG-file parse time with ``--parse-sites`` sites;
 - ``ledger``: ledger writes/s on SQLite and, when it answers, PostgreSQL (``bench_ledger``).
 
@@ -832,15 +833,23 @@ class Report:
                 markdown_table(MEMORY_COLUMNS, rows),
             ]
         if self.scan is not None:
-            files = self.scan["files"]
+            files, processes = self.scan["files"], int(self.scan.get("processes", 1))
+            labels = {
+                "bare": "bare pydicom, 1 process",
+                "scan": "scan, 1 process",
+                "plan": "plan, 1 process",
+                "scan_workers": f"scan, {processes} processes (default)",
+                "plan_workers": f"plan, {processes} processes (default)",
+            }
             rows = [
                 [
-                    method,
+                    label,
                     number(self.scan[method], 2),
                     number(files / self.scan[method], 0),
                     number(self.scan["bare"] / self.scan[method], 2),
                 ]
-                for method in ("bare", "scan", "plan")
+                for method, label in labels.items()
+                if method in self.scan
             ]
             parts += ["", f"### Header scan, {files:,.0f} files", "", markdown_table(SCAN_COLUMNS, rows)]
         if self.parse is not None:
