@@ -491,27 +491,33 @@ def measure_dataset(context: ConditionContext, dataset: StagedDataset, options: 
 def measure_dag_dataset(
     context: ConditionContext, dataset: StagedDataset, options: Options, empty_staging: Path
 ) -> None:
-    """Run the ceiling, a DAG run over an empty staging area and a DAG run over the dataset, interleaved."""
+    """Run DAG runs over an empty staging area and over the dataset, each between two ceiling runs.
+
+    Each DAG run's ratios use the mean of the ceiling runs just before and just after it, so a
+    machine that gets slower or faster for a few minutes moves both sides of the ratio alike.
+    """
     condition, name, results = context.condition, dataset.spec.name, context.results
     workers = best_ceiling_workers(context, dataset, options)
+    before = results.add(condition, name, ceiling_sample(context, dataset.files, workers))
     for run in range(1, options.runs + 1):
-        ceiling = results.add(condition, name, ceiling_sample(context, dataset.files, workers))
         empty = results.add(condition, name, dag_sample(context, empty_staging, None))
         dag = results.add(condition, name, dag_sample(context, dataset.root, dataset.spec))
-        results.ratio(
-            condition, name, DAG_OVER_CEILING, dag.instances_per_second / ceiling.instances_per_second
-        )
-        limit = DAG_WALL_FACTOR * ceiling.seconds + results.quiet_period
+        after = results.add(condition, name, ceiling_sample(context, dataset.files, workers))
+        ceiling_seconds = (before.seconds + after.seconds) / 2
+        results.ratio(condition, name, DAG_OVER_CEILING, ceiling_seconds / dag.seconds)
+        limit = DAG_WALL_FACTOR * ceiling_seconds + results.quiet_period
         results.ratio(condition, name, DAG_WALL_OVER_LIMIT, dag.seconds / limit)
         log.info(
-            "%s %s run %d: ceiling %.1f s, empty DAG run %.1f s, DAG run %.1f s",
+            "%s %s run %d: ceiling %.1f s before and %.1f s after, empty DAG run %.1f s, DAG run %.1f s",
             condition,
             name,
             run,
-            ceiling.seconds,
+            before.seconds,
+            after.seconds,
             empty.seconds,
             dag.seconds,
         )
+        before = after
 
 
 @contextmanager
