@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlsplit
@@ -730,6 +731,21 @@ def test_presigning_ahead_asks_for_each_url_once_while_uploads_are_sending(make_
     assert supply.handed_out == 6
     expected_keys = sorted(f"bucket/incoming/obj-{n}.dcm" for n in range(1, 7))
     assert sorted(result.key for result in results) == expected_keys
+
+
+def test_presigning_ahead_requests_no_more_urls_than_the_uploads_run_at_once(make_hook, vendor):
+    serve_presign(vendor, *(presigned_url(f"incoming/obj-{n}.dcm") for n in range(1, 7)))
+    hook = make_hook(upload_concurrency=20)
+
+    with hook.presigning_ahead(2) as supply:
+        supply.expect(6)
+        deadline = time.monotonic() + 5
+        while supply.fetched < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # time for any further request to go out
+        requested = len(vendor.requests_to("/upload"))
+
+    assert requested == 2
 
 
 def test_presign_ahead_can_be_switched_off(make_hook, vendor, mocked):

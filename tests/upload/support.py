@@ -201,6 +201,7 @@ class FakeVendor:
         self.patch_listeners: list[Callable[[Patch], None]] = []
         self.announced: list[int] = []
         self.lookahead_open = False
+        self.lookahead_depth: int | None = None
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -223,8 +224,9 @@ class FakeVendor:
     # -- what the uploader calls ----------------------------------------------------------------
 
     @contextmanager
-    def presigning_ahead(self) -> Iterator[FakeVendor]:
+    def presigning_ahead(self, uploads_at_once: int | None = None) -> Iterator[FakeVendor]:
         """Note the uploads the batch announces (the stand-in needs no presigned URLs)."""
+        self.lookahead_depth = uploads_at_once
         self.lookahead_open = True
         try:
             yield self

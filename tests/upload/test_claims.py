@@ -50,6 +50,7 @@ def test_each_claim_answer_is_followed(
 
     assert vendor.started_studies() == [fresh.study_uid] * 2
     assert vendor.announced == [2]  # presigned URLs are prepared only for the study sent
+    assert vendor.lookahead_depth == 2  # and no more ahead than the batch's uploads at once
     assert sorted(vendor.patched_orders()) == sorted(["order-resumable", vendor.orders[fresh.study_uid][0]])
     states = {study.study_uid: ledger.study_detail(SITE, study.study_uid) for study in studies}
     assert {uid: detail.state for uid, detail in states.items() if detail} == {

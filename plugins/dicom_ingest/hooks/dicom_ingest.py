@@ -493,18 +493,23 @@ class DicomIngestHook(_DicomIngestHookBase):
         return url if url is not None else self.presign_once()
 
     @contextmanager
-    def presigning_ahead(self) -> Iterator[PresignedUrlSupply]:
+    def presigning_ahead(self, uploads_at_once: int | None = None) -> Iterator[PresignedUrlSupply]:
         """Within the block, request presigned URLs while earlier uploads are still sending.
 
-        Announce the uploads to come with the supply's ``expect``; up to ``upload_concurrency`` URLs
-        are then kept ready or requested, never more than announced. Without the connection's
-        ``presign_ahead`` setting the supply requests nothing and uploads presign as usual.
+        Announce the uploads to come with the supply's ``expect``; up to ``uploads_at_once`` URLs
+        (never more than the connection's ``upload_concurrency``) are then kept ready or requested,
+        never more than announced. Without the connection's ``presign_ahead`` setting the supply
+        requests nothing and uploads presign as usual.
+
+        :param uploads_at_once: how many uploads run at once in the block (a batch's concurrency);
+            ``None``: the connection's ``upload_concurrency``.
         """
         config = self.config
+        depth = min(uploads_at_once or config.upload_concurrency, config.upload_concurrency)
         supply = PresignedUrlSupply(
             self.presign_once,
             self._clock,
-            depth=config.upload_concurrency if config.presign_ahead else 0,
+            depth=depth if config.presign_ahead else 0,
             wait_limit=sum(config.timeout),
         )
         previous, self._url_supply = self._url_supply, supply

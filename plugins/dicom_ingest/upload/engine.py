@@ -281,7 +281,7 @@ class BatchUploader:
             total_bytes / 1e6,
             self.concurrency,
         )
-        with self._hook.presigning_ahead() as lookahead:
+        with self._hook.presigning_ahead(self.concurrency) as lookahead:
             self._lookahead = lookahead
             workers = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"upload-{self.batch_id}")
             finalisers = ThreadPoolExecutor(FINALISER_THREADS, thread_name_prefix=f"finalise-{self.batch_id}")

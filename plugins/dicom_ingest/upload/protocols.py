@@ -28,8 +28,11 @@ class UploadLookahead(Protocol):
 class VendorClient(Protocol):
     """The vendor calls a batch upload makes (thread-safe: upload workers share one client)."""
 
-    def presigning_ahead(self) -> AbstractContextManager[UploadLookahead]:
-        """Within the block, uploads may use presigned URLs requested while earlier ones were sending."""
+    def presigning_ahead(self, uploads_at_once: int | None = None) -> AbstractContextManager[UploadLookahead]:
+        """Within the block, uploads may use presigned URLs requested while earlier ones were sending.
+
+        :param uploads_at_once: the uploads that run at once; no more URLs are requested ahead.
+        """
         ...
 
     def upload_instance(self, source: BinaryIO, *, size: int | None = None) -> UploadResult:
