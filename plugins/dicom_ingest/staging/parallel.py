@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
-from itertools import islice
+from itertools import chain, islice
 
 from dicom_ingest.staging.classify import Classification, HeaderClassifier, Reason
 from dicom_ingest.staging.source import SourceEntry, StagingSource
@@ -80,7 +80,7 @@ def default_scan_processes() -> int:
     return max(1, min(cpus, MAX_SCAN_PROCESSES))
 
 
-def can_fork_workers(source: StagingSource) -> bool:
+def _can_fork_workers(source: StagingSource) -> bool:
     """Whether a scan of ``source`` may use worker processes: a local area, on Linux.
 
     :param source: the staging area.
@@ -104,7 +104,7 @@ def classify_entries(
         :data:`CHUNK_ENTRIES` files classifies in the calling process.
     """
     remaining = iter(entries)
-    if processes <= 1 or not can_fork_workers(source):
+    if processes <= 1 or not _can_fork_workers(source):
         yield from _classify_in_process(source, settings, remaining)
         return
     first_chunk = list(islice(remaining, CHUNK_ENTRIES))
@@ -117,9 +117,8 @@ def classify_entries(
     for chunk_results in _classify_in_workers(source, settings, chunks, processes, leftover):
         yield from runs.continued(chunk_results)
     if leftover:
-        classifier = settings.classifier(source)
-        for entry in _chain_entries(leftover, chunks):
-            yield from runs.continued([classifier.classify(entry)])
+        rest = chain(leftover, chain.from_iterable(chunks))
+        yield from runs.continued(_classify_in_process(source, settings, rest))
 
 
 def _classify_in_process(
@@ -136,12 +135,6 @@ def _chunks(first_chunk: list[SourceEntry], remaining: Iterator[SourceEntry]) ->
         yield chunk
 
 
-def _chain_entries(held: list[SourceEntry], chunks: Iterator[list[SourceEntry]]) -> Iterator[SourceEntry]:
-    yield from held
-    for chunk in chunks:
-        yield from chunk
-
-
 class _StudyRuns:
     """Keeps tag metadata where one pass over the listing would read it.
 
@@ -154,7 +147,7 @@ class _StudyRuns:
         self._last_valid_study: str | None = None
 
     def continued(self, results: Iterable[Classification]) -> Iterator[Classification]:
-        """Yield ``results`` (one chunk, in order) as one pass over the listing would give them."""
+        """Yield ``results`` (one classifier's, in order) as one pass over the listing would give them."""
         first_valid = True
         for classification in results:
             record = classification.record
@@ -174,6 +167,7 @@ def _classify_in_workers(
     leftover: list[SourceEntry],
 ) -> Iterator[list[Classification]]:
     """Yield each chunk's results in order; if a worker dies, put the unfinished entries in ``leftover``."""
+    log.info("Classifying the files of %s in %d processes", source.uri, processes)
     context = multiprocessing.get_context("fork")
     pool = ProcessPoolExecutor(
         max_workers=processes,

@@ -18,12 +18,7 @@ from dataclasses import dataclass
 from dicom_ingest.staging.catalog import ScanCatalog
 from dicom_ingest.staging.classify import InstanceRecord, Reason
 from dicom_ingest.staging.options import StagingOptions
-from dicom_ingest.staging.parallel import (
-    ClassifierSettings,
-    can_fork_workers,
-    classify_entries,
-    default_scan_processes,
-)
+from dicom_ingest.staging.parallel import ClassifierSettings, classify_entries, default_scan_processes
 from dicom_ingest.staging.source import EntryKind, SourceEntry, StagingSource
 
 log = logging.getLogger(__name__)
@@ -79,8 +74,6 @@ def scan_staging(
             else:
                 yield entry
 
-    if processes > 1 and can_fork_workers(source):
-        log.info("Classifying the files of %s in up to %d processes", source.uri, processes)
     classified = 0
     for classification in classify_entries(source, settings, instance_entries(), processes=processes):
         catalog.add(classification)
