@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bench.datasets import write_dataset
 from bench.run import parse_dataset
+from dicom_ingest_sandbox.latency import LATENCY_MODELS
 
 METHODS = ("plugin", "ceiling", "naive")
 TOP_FUNCTIONS = 30
@@ -47,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workers", type=int, default=8, help="threads (ceiling) or upload_concurrency (plugin)"
     )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="round trip added by the sandbox")
+    parser.add_argument(
+        "--latency-model", choices=LATENCY_MODELS, default="tcp", help="the sandbox's --latency-model"
+    )
     parser.add_argument("--cprofile", type=Path, help="profile the upload with cProfile into this file")
     parser.add_argument(
         "--extra",
@@ -65,7 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dicom_ingest_sandbox.testing import running_sandbox
 
         dataset = write_dataset(arguments.dataset, scratch / "staging", namespace=1)
-        sandbox_flags = {"latency_ms": arguments.latency_ms} if arguments.latency_ms else {}
+        sandbox_flags = (
+            {"latency_ms": arguments.latency_ms, "latency_model": arguments.latency_model}
+            if arguments.latency_ms
+            else {}
+        )
         with ExitStack() as stack:
             sandbox = stack.enter_context(
                 running_sandbox(scratch / "sandbox", quiet_period=5, processing_time=1, **sandbox_flags)

@@ -61,6 +61,7 @@ from bench.harness import (
     number,
     timed_in_process,
 )
+from dicom_ingest_sandbox.latency import LATENCY_MODELS
 
 if TYPE_CHECKING:
     from bench.clients import VendorApi
@@ -146,6 +147,7 @@ class Options:
     sections: tuple[str, ...] = SECTIONS
     conditions: tuple[str, ...] = CONDITIONS
     wan_rtt_ms: float = 40.0
+    wan_model: str = "tcp"
     datasets: tuple[DatasetSpec, ...] = DEFAULT_DATASETS
     dag_dataset: DatasetSpec | None = DEFAULT_DAG_DATASET
     sweep: tuple[int, ...] = (4, 8, 16, 20, 32)
@@ -198,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--conditions", type=_csv_words(CONDITIONS), default=CONDITIONS, help="network conditions"
     )
     parser.add_argument("--wan-rtt-ms", type=float, default=defaults.wan_rtt_ms, help="round trip of the WAN")
+    parser.add_argument(
+        "--wan-model",
+        choices=LATENCY_MODELS,
+        default=defaults.wan_model,
+        help="the sandbox's --latency-model for the WAN: 'tcp' adds TCP's slow start, 'delay' only delays",
+    )
     parser.add_argument(
         "--datasets",
         type=lambda text: tuple(parse_dataset(part) for part in text.split(",")),
@@ -535,7 +543,9 @@ def condition_sandbox(
         with given.clocks(**clocks):
             yield given
         return
-    latency = {"latency_ms": options.wan_rtt_ms} if condition == WAN else {}
+    latency = {}
+    if condition == WAN:
+        latency = {"latency_ms": options.wan_rtt_ms, "latency_model": options.wan_model}
     with running_sandbox(work / "sandbox", **clocks, **latency) as sandbox:
         yield sandbox
 
@@ -798,7 +808,8 @@ class Report:
                 "",
                 f"Sandbox clocks: quiet period {options.quiet_period:g} s, "
                 f"processing {options.processing_time:g} s; "
-                f"WAN = {options.wan_rtt_ms:g} ms round trip added in front of the API and the store; "
+                f"WAN = {options.wan_rtt_ms:g} ms round trip added in front of the API and the store "
+                f"({options.wan_model} model); "
                 f"the site's upload_concurrency {options.upload_concurrency}; "
                 f"naive runs on at most {options.naive_max_instances} instances, the sweep on at most "
                 f"{options.sweep_max_instances}.",

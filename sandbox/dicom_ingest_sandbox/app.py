@@ -64,6 +64,7 @@ class NetworkInfo:
     :param base_url: the API as clients reach it (the ready line's URL).
     :param store_url: the store as presigned URLs name it.
     :param latency_ms: the round trip added in front of the API and the store (0: none).
+    :param latency_model: how the proxies add it (``tcp`` or ``delay``); None without proxies.
     :param api_upstream: the API's own address behind the delaying proxy, when there is one.
     :param proxy_pid: the delaying proxies' process id, when they run.
     """
@@ -71,6 +72,7 @@ class NetworkInfo:
     base_url: str
     store_url: str
     latency_ms: float = 0.0
+    latency_model: str | None = None
     api_upstream: str | None = None
     proxy_pid: int | None = None
 
@@ -79,6 +81,7 @@ class NetworkInfo:
         return {
             "base_url": self.base_url,
             "latency_ms": self.latency_ms,
+            "latency_model": self.latency_model,
             "api_upstream": self.api_upstream,
             "proxy_pid": self.proxy_pid,
         }

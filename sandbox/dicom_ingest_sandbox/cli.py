@@ -36,7 +36,7 @@ from dicom_ingest_sandbox.config import (
     url_host,
 )
 from dicom_ingest_sandbox.ingest import quiet_pydicom
-from dicom_ingest_sandbox.latency import LatencyProxies, Route
+from dicom_ingest_sandbox.latency import LATENCY_MODELS, LatencyProxies, Route
 from dicom_ingest_sandbox.store import BUCKET, ObjectStore, StoreError
 
 logger = logging.getLogger("dicom_ingest_sandbox")
@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="round trip added in front of the API and the store by a delaying TCP proxy, "
         "to emulate a wide-area link (0: none)",
+    )
+    parser.add_argument(
+        "--latency-model",
+        choices=LATENCY_MODELS,
+        default="tcp",
+        help="with --latency-ms: 'tcp' also holds each connection to the congestion window TCP would "
+        "have over such a link (slow start from 10 segments, restarted after idling), 'delay' only "
+        "delays bytes (default: %(default)s)",
     )
     parser.add_argument(
         "--data-dir",
@@ -151,6 +159,7 @@ def settings_from_args(arguments: argparse.Namespace) -> SandboxSettings:
         store_port=arguments.store_port,
         public_host=arguments.public_host,
         latency_ms=arguments.latency_ms,
+        latency_model=arguments.latency_model,
         data_dir=arguments.data_dir.resolve(),
         client_id=arguments.client_id,
         client_secret=_flag_or_environment(arguments, "client_secret", CLIENT_SECRET_ENV, DEMO_CLIENT_SECRET),
@@ -199,8 +208,8 @@ def _banner(settings: SandboxSettings, network: NetworkInfo, store: ObjectStore)
     ]
     if network.latency_ms:
         lines.append(
-            f"  latency:       {network.latency_ms:g} ms round trip added in front of both "
-            f"(API itself at {network.api_upstream}, store at {store.endpoint_url})"
+            f"  latency:       {network.latency_ms:g} ms round trip ({network.latency_model} model) added in "
+            f"front of both (API itself at {network.api_upstream}, store at {store.endpoint_url})"
         )
     lines += [
         f"  data dir:      {settings.data_dir}",
@@ -233,11 +242,12 @@ def _client_network(
     public_api, public_store = delayed_listeners
     target = reachable_host(settings.host)
     routes = [Route(public_api, target, _port_of(api)), Route(public_store, target, store.port)]
-    with LatencyProxies(settings.latency_ms, routes) as proxies:
+    with LatencyProxies(settings.latency_ms, routes, settings.latency_model) as proxies:
         yield NetworkInfo(
             base_url=f"http://{host}:{_port_of(public_api)}",
             store_url=f"http://{host}:{_port_of(public_store)}",
             latency_ms=settings.latency_ms,
+            latency_model=settings.latency_model,
             api_upstream=f"http://{url_host(settings.host)}:{_port_of(api)}",
             proxy_pid=proxies.pid,
         )

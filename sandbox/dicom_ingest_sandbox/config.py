@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
+from dicom_ingest_sandbox.latency import LatencyModel
+
 DEMO_CLIENT_ID = "demo-client"
 DEMO_CLIENT_SECRET = "demo-secret"
 DEMO_ADMIN_TOKEN = "demo-admin"
@@ -107,6 +109,7 @@ class SandboxSettings(BaseModel):
     store_port: Port = 0
     public_host: str | None = None
     latency_ms: Annotated[float, Field(ge=0, le=10_000)] = 0.0
+    latency_model: LatencyModel = "tcp"
     data_dir: Path = DEFAULT_DATA_DIR
     client_id: Annotated[str, Field(min_length=1)] = DEMO_CLIENT_ID
     client_secret: Annotated[str, Field(min_length=1)] = DEMO_CLIENT_SECRET

@@ -19,7 +19,13 @@ import requests
 
 from dicom_ingest_sandbox.cli import main as sandbox_main
 from dicom_ingest_sandbox.config import SandboxSettings
-from dicom_ingest_sandbox.latency import DelayingProxy
+from dicom_ingest_sandbox.latency import (
+    INITIAL_WINDOW_BYTES,
+    LARGEST_WINDOW_BYTES,
+    CongestionWindow,
+    DelayingProxy,
+    LatencyModel,
+)
 from dicom_ingest_sandbox.testing import Sandbox, build_instance, new_uid, running_sandbox
 from tests.sandbox.support import TIMEOUT, presign, put
 
@@ -43,12 +49,14 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 
 
 async def with_proxied_echo(
-    scenario: Callable[[str, int], Awaitable[Any]], round_trip: float = ROUND_TRIP
+    scenario: Callable[[str, int], Awaitable[Any]],
+    round_trip: float = ROUND_TRIP,
+    model: LatencyModel = "tcp",
 ) -> Any:
     """Run ``scenario(host, port)`` against a delaying proxy in front of an echo server."""
     upstream = await asyncio.start_server(echo, "127.0.0.1", 0)
     upstream_port = upstream.sockets[0].getsockname()[1]
-    proxy = DelayingProxy("127.0.0.1", upstream_port, round_trip)
+    proxy = DelayingProxy("127.0.0.1", upstream_port, round_trip, model)
     front = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
     try:
         return await scenario("127.0.0.1", front.sockets[0].getsockname()[1])
@@ -57,7 +65,8 @@ async def with_proxied_echo(
         upstream.close()
 
 
-def test_the_proxy_passes_every_byte_both_ways_and_the_end_of_stream() -> None:
+@pytest.mark.parametrize("model", ["tcp", "delay"])
+def test_the_proxy_passes_every_byte_both_ways_and_the_end_of_stream(model: LatencyModel) -> None:
     payload = os.urandom(3 * 2**20 + 17)
 
     async def scenario(host: str, port: int) -> bytes:
@@ -68,7 +77,7 @@ def test_the_proxy_passes_every_byte_both_ways_and_the_end_of_stream() -> None:
         writer.close()
         return echoed
 
-    echoed = asyncio.run(with_proxied_echo(scenario, round_trip=0.02))
+    echoed = asyncio.run(with_proxied_echo(scenario, round_trip=0.02, model=model))
     assert hashlib.md5(echoed).hexdigest() == hashlib.md5(payload).hexdigest()
 
 
@@ -94,26 +103,77 @@ def test_the_proxy_adds_one_round_trip_per_exchange_and_one_more_for_a_new_conne
     assert all(exchange >= ROUND_TRIP - TIMER_SLACK for exchange in later)
 
 
-def test_chunks_in_flight_overlap_so_a_large_transfer_is_delayed_not_throttled() -> None:
-    chunk = b"x" * 65536
-    chunks = 64
-
-    async def scenario(host: str, port: int) -> float:
-        loop = asyncio.get_running_loop()
-        reader, writer = await asyncio.open_connection(host, port)
-        writer.write(b"warm")
-        await reader.readexactly(4)
+async def echo_twice(host: str, port: int, size: int) -> tuple[float, float]:
+    """Send ``size`` bytes and read them back, twice on one connection; return both durations."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(host, port)
+    durations = []
+    for _ in range(2):
         started = loop.time()
-        for _ in range(chunks):
-            writer.write(chunk)
+        writer.write(b"x" * size)
         await writer.drain()
-        await reader.readexactly(len(chunk) * chunks)
-        writer.close()
-        return loop.time() - started
+        await reader.readexactly(size)
+        durations.append(loop.time() - started)
+    writer.close()
+    return durations[0], durations[1]
 
-    elapsed = asyncio.run(with_proxied_echo(scenario, round_trip=0.2))
-    # Held chunk by chunk, 64 chunks would take 64 round trips; overlapped they take about one.
-    assert elapsed < chunks * 0.2 / 4
+
+def test_with_the_delay_model_a_large_transfer_is_delayed_not_throttled() -> None:
+    round_trip = 0.2
+    fresh, _ = asyncio.run(
+        with_proxied_echo(lambda host, port: echo_twice(host, port, 4 * 2**20), round_trip, "delay")
+    )
+    # The handshake and one round trip; held chunk by chunk, 16 chunks would take 16 round trips.
+    assert fresh < 4 * round_trip
+
+
+def test_with_the_tcp_model_a_fresh_connection_starts_slow_and_an_open_one_streams() -> None:
+    round_trip = 0.05
+    size = 2**20
+    # Slow start sends 10, 20, 40, ... segments per round trip: 1 MiB needs 7 of them.
+    round_trips_needed = 7
+    assert INITIAL_WINDOW_BYTES * (2 ** (round_trips_needed - 1) - 1) < size
+    assert INITIAL_WINDOW_BYTES * (2**round_trips_needed - 1) >= size
+    fresh, open_ = asyncio.run(with_proxied_echo(lambda host, port: echo_twice(host, port, size), round_trip))
+    assert fresh >= round_trips_needed * round_trip - TIMER_SLACK
+    # The window grew past 1 MiB: the same transfer goes out in one flight (and back in another).
+    assert open_ < 3 * round_trip
+
+
+def test_the_congestion_window_doubles_per_round_trip_up_to_its_cap_and_waits_when_full() -> None:
+    async def scenario() -> None:
+        window = CongestionWindow(round_trip=0.04)
+        assert await window.room() == INITIAL_WINDOW_BYTES
+        window.sent(INITIAL_WINDOW_BYTES, now=0.0)
+        waiting = asyncio.create_task(window.room())
+        await asyncio.sleep(0)
+        assert not waiting.done()  # a full window holds the sender back
+        window.acknowledge(INITIAL_WINDOW_BYTES)
+        assert await waiting == 2 * INITIAL_WINDOW_BYTES
+        for _ in range(20):
+            room = await window.room()
+            window.sent(room, now=0.0)
+            window.acknowledge(room)
+        assert window.size == LARGEST_WINDOW_BYTES
+        assert window.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_congestion_window_shrinks_after_idling_past_the_retransmission_timeout() -> None:
+    window = CongestionWindow(round_trip=0.04)  # timeout 0.24 s
+    window.sent(64 * INITIAL_WINDOW_BYTES, now=0.0)
+    window.acknowledge(64 * INITIAL_WINDOW_BYTES)
+    grown = window.size
+    window.restart_if_idle(now=0.2)
+    assert window.size == grown  # idle for less than the timeout: kept
+    window.restart_if_idle(now=0.5)
+    assert window.size == grown // 4  # two timeouts elapsed: halved twice
+    window.restart_if_idle(now=100.0)
+    assert window.size == INITIAL_WINDOW_BYTES  # never below the initial window
+    window.sent(10, now=100.0)
+    window.restart_if_idle(now=200.0)
+    assert window.size == INITIAL_WINDOW_BYTES and window.in_flight == 10  # bytes in flight: not idle
 
 
 # --- the sandbox behind the proxies ------------------------------------------------------------
@@ -149,6 +209,7 @@ def network_of(sandbox: Sandbox) -> dict[str, Any]:
 def test_the_ready_line_names_the_proxied_api(delayed_sandbox: Sandbox) -> None:
     network = network_of(delayed_sandbox)
     assert network["latency_ms"] == ROUND_TRIP_MS
+    assert network["latency_model"] == "tcp"
     assert network["base_url"] == delayed_sandbox.base_url
     assert network["api_upstream"] != delayed_sandbox.base_url
     assert psutil.Process(network["proxy_pid"]).ppid() == delayed_sandbox.pid
