@@ -37,6 +37,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -1060,6 +1061,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
     )
     log.setLevel(logging.INFO)
+    # A SIGTERM unwinds like Ctrl-C, so the sandboxes and the scratch folder go with the run.
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
     command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dicom-ingest-bench-")))
@@ -1072,6 +1075,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.json:
         arguments.json.write_text(json.dumps(_json_document(report), indent=2, default=str))
     return 1 if report.all_failures() else 0
+
+
+def _exit_on_terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _json_document(report: Report) -> dict[str, Any]:
