@@ -97,6 +97,7 @@ def test_every_key_of_a_full_entry_is_kept() -> None:
         "tags": ["paris", "nightly"],
         "max_file_size": "1GiB",
         "scan_processes": 4,
+        "scan_threads": 8,
         "work_location": "file:///scratch/paris",
         "reports_location": "/reports/paris",
         "ledger": {"conn_id": "ledger_pg"},

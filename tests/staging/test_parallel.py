@@ -1,20 +1,25 @@
-"""Classifying a staging area in worker processes: same results, same order, nothing lost."""
+"""Classifying a staging area in worker processes or threads: same results, same order, nothing lost."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
 import os
+import threading
+import time
+import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
+from pydicom import config as pydicom_config
 
 from dicom_ingest.metadata.fields import DEFAULT_TAG_MAPPING
 from dicom_ingest.sites.config import SiteConfig
 from dicom_ingest.sites.runtime import SiteRuntime
 from dicom_ingest.staging import parallel
 from dicom_ingest.staging.catalog import ScanCatalog
-from dicom_ingest.staging.classify import Classification, HeaderClassifier, Reason
+from dicom_ingest.staging.classify import Classification, HeaderClassifier, Reason, quiet_pydicom
 from dicom_ingest.staging.options import StagingOptions
 from dicom_ingest.staging.parallel import ClassifierSettings, classify_entries
 from dicom_ingest.staging.scan import scan_staging
@@ -36,6 +41,7 @@ CHUNK = 4
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of four files, so that a small area spans many chunks and studies cross them."""
     monkeypatch.setattr(parallel, "CHUNK_ENTRIES", CHUNK)
+    monkeypatch.setattr(parallel, "THREAD_CHUNK_ENTRIES", CHUNK)
 
 
 @pytest.fixture
@@ -119,19 +125,107 @@ def _no_pool(*args: object, **kwargs: object) -> None:
     raise AssertionError("no worker process should be started")
 
 
+def _remote(staging_root: Path) -> StagingSource:
+    """The area read through ObjectStoragePath, as an s3:// area is."""
+    remote = StagingSource.from_uri(str(staging_root))
+    remote.is_local = False
+    return remote
+
+
 @pytest.mark.parametrize("processes", [1, 4])
-def test_one_process_object_stores_and_small_areas_are_classified_in_process(
+def test_one_process_object_stores_and_small_areas_start_no_process(
     mixed_area: StagingSource, staging_root: Path, monkeypatch: pytest.MonkeyPatch, processes: int
 ) -> None:
     monkeypatch.setattr(parallel, "ProcessPoolExecutor", _no_pool)
+    monkeypatch.setattr(parallel, "ThreadPoolExecutor", _no_pool)
     expected = _one_pass(mixed_area)
-    remote = StagingSource.from_uri(str(staging_root))
-    remote.is_local = False  # read through ObjectStoragePath, as an s3:// area is
+    remote = _remote(staging_root)
     small = list(mixed_area.walk())[: CHUNK - 1]
 
-    assert _in_workers(remote, processes) == expected
+    assert list(classify_entries(remote, SETTINGS, remote.walk(), processes=processes, threads=1)) == expected
     assert list(classify_entries(mixed_area, SETTINGS, small, processes=processes)) == expected[: CHUNK - 1]
     assert _in_workers(mixed_area, 1) == expected
+
+
+class _OverlapMeter:
+    """Wraps StagingSource.open to count the reads under way at once (each made to take a while)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.most = 0
+        self._now = 0
+        self._lock = threading.Lock()
+        real_open = StagingSource.open
+
+        def slow_open(source: StagingSource, relative_path: str, **options: object) -> BinaryIO:
+            with self._lock:
+                self._now += 1
+                self.most = max(self.most, self._now)
+            try:
+                time.sleep(0.01)  # a round trip to the store
+                return real_open(source, relative_path, **options)  # type: ignore[arg-type]
+            finally:
+                with self._lock:
+                    self._now -= 1
+
+        monkeypatch.setattr(StagingSource, "open", slow_open)
+
+
+def test_an_object_store_area_is_read_in_threads_with_one_pass_results_in_order(
+    mixed_area: StagingSource, staging_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = _one_pass(mixed_area)
+    monkeypatch.setattr(parallel, "ProcessPoolExecutor", _no_pool)
+    meter = _OverlapMeter(monkeypatch)
+    remote = _remote(staging_root)
+
+    results = list(classify_entries(remote, SETTINGS, remote.walk(), processes=3, threads=4))
+
+    assert results == expected
+    with_metadata = [c.record.relative_path for c in results if c.order_fields]
+    assert with_metadata == ["s0/00.dcm", "s1/00.dcm", "s2/00.dcm"]
+    assert 1 < meter.most <= 4
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("dicom-ingest-scan")]
+
+
+def test_one_thread_reads_an_object_store_area_one_file_at_a_time(
+    mixed_area: StagingSource, staging_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meter = _OverlapMeter(monkeypatch)
+    remote = _remote(staging_root)
+
+    list(classify_entries(remote, SETTINGS, remote.walk(), processes=3, threads=1))
+
+    assert meter.most == 1
+
+
+def test_pydicom_stays_quiet_until_the_last_thread_parsing_leaves() -> None:
+    mode_before = pydicom_config.settings.reading_validation_mode
+    filters_before = list(warnings.filters)
+    first_inside, second_inside, first_left = threading.Event(), threading.Event(), threading.Event()
+    seen_by_second: list[int] = []
+
+    def first() -> None:
+        with quiet_pydicom():
+            first_inside.set()
+            second_inside.wait(5)
+        first_left.set()
+
+    def second() -> None:
+        first_inside.wait(5)
+        with quiet_pydicom():
+            second_inside.set()
+            first_left.wait(5)
+            seen_by_second.append(pydicom_config.settings.reading_validation_mode)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+
+    assert seen_by_second == [pydicom_config.IGNORE]  # the first thread's leaving did not end it
+    assert pydicom_config.settings.reading_validation_mode == mode_before
+    assert warnings.filters == filters_before
 
 
 def test_scan_staging_uses_the_sites_processes_and_fills_the_catalog_alike(
@@ -157,9 +251,21 @@ def test_default_processes_follow_the_cpus_the_task_may_use(monkeypatch: pytest.
     assert parallel.default_scan_processes() == 2
 
 
-def test_a_sites_scan_processes_reach_the_scan_and_must_be_positive() -> None:
-    assert SiteRuntime(SiteConfig.model_validate(MINIMAL_ENTRY)).staging_options().scan_processes is None
-    site = SiteConfig.model_validate({**MINIMAL_ENTRY, "scan_processes": 3})
-    assert SiteRuntime(site).staging_options().scan_processes == 3
-    with pytest.raises(ValueError, match="scan_processes"):
-        SiteConfig.model_validate({**MINIMAL_ENTRY, "scan_processes": 0})
+@pytest.mark.parametrize("key", ["scan_processes", "scan_threads"])
+def test_a_sites_scan_processes_and_threads_reach_the_scan_and_must_be_positive(key: str) -> None:
+    assert getattr(SiteRuntime(SiteConfig.model_validate(MINIMAL_ENTRY)).staging_options(), key) is None
+    site = SiteConfig.model_validate({**MINIMAL_ENTRY, key: 3})
+    assert getattr(SiteRuntime(site).staging_options(), key) == 3
+    with pytest.raises(ValueError, match=key):
+        SiteConfig.model_validate({**MINIMAL_ENTRY, key: 0})
+
+
+def test_scan_staging_passes_the_sites_threads_for_an_object_store_area(
+    mixed_area: StagingSource, staging_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meter = _OverlapMeter(monkeypatch)
+    catalog = ScanCatalog(tmp_path / "scan.sqlite")
+    scan_staging(_remote(staging_root), StagingOptions(scan_threads=2), catalog)
+    catalog.close()
+
+    assert meter.most == 2

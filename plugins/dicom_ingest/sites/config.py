@@ -287,6 +287,8 @@ class SiteConfig(_Section):
     :param max_file_size: larger files are quarantined as ``too_large``.
     :param scan_processes: processes that parse the headers of a local staging area (Linux);
         ``None`` (the default) uses the task's CPUs, at most 8; 1 parses in the task's process.
+    :param scan_threads: threads that read the headers of an object-store staging area at once;
+        ``None`` (the default) uses 16; 1 reads one file at a time.
     :param work_location: where a run's plan is written (default ``dicom_ingest/<id>/work``).
     :param reports_location: where run reports go (default ``dicom_ingest/<id>/reports``).
     :param ledger: where the site's ledger lives.
@@ -315,6 +317,7 @@ class SiteConfig(_Section):
     tags: tuple[DagTag, ...] = ()
     max_file_size: Annotated[ByteSize, Field(gt=0, le=SINGLE_PUT_MAX_BYTES)] = ByteSize(SINGLE_PUT_MAX_BYTES)
     scan_processes: Annotated[int, Field(ge=1)] | None = None
+    scan_threads: Annotated[int, Field(ge=1)] | None = None
     work_location: Location
     reports_location: Location
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)

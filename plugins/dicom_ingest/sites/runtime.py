@@ -101,6 +101,7 @@ class SiteRuntime:
             max_batch_bytes=site.batch.max_bytes,
             metadata=metadata,
             scan_processes=site.scan_processes,
+            scan_threads=site.scan_threads,
         )
 
     @cached_property

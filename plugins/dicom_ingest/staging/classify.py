@@ -28,6 +28,7 @@ Decisions a user should know about:
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -149,22 +150,45 @@ class Classification:
     order_fields: dict[str, FieldValue] = field(default_factory=dict, repr=False)
 
 
-@contextmanager
-def quiet_pydicom() -> Iterator[None]:
-    """Parse and convert without pydicom's value validation, whose warnings may quote values.
+class _QuietPydicom:
+    """Switch pydicom's value validation and Python's warnings off while any thread parses a header.
 
-    pydicom's validation mode is process-wide: it is switched off only for the duration of one
-    file's header read and restored afterwards.
+    Both are process-wide, and threads of an object-store scan parse headers at once: the first
+    thread to enter saves and switches them off, the last one to leave restores them, so no
+    thread ever restores a state another one still relies on.
     """
-    settings = pydicom_config.settings
-    previous = settings.reading_validation_mode
-    settings.reading_validation_mode = pydicom_config.IGNORE
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._previous_mode = pydicom_config.settings.reading_validation_mode
+        self._warnings: warnings.catch_warnings | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._inside == 0:
+                settings = pydicom_config.settings
+                self._previous_mode = settings.reading_validation_mode
+                settings.reading_validation_mode = pydicom_config.IGNORE
+                self._warnings = warnings.catch_warnings()
+                self._warnings.__enter__()
+                warnings.simplefilter("ignore")
+            self._inside += 1
+        try:
             yield
-    finally:
-        settings.reading_validation_mode = previous
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if self._inside == 0:
+                    pydicom_config.settings.reading_validation_mode = self._previous_mode
+                    assert self._warnings is not None
+                    self._warnings.__exit__(None, None, None)
+                    self._warnings = None
+
+
+quiet_pydicom = _QuietPydicom()
+"""Use as ``with quiet_pydicom():`` around parsing: no validation, whose warnings may quote values."""
 
 
 class _ReadTracker:

@@ -60,6 +60,8 @@ class StagingOptions(BaseModel):
     :param metadata: where order metadata comes from and which fields are required.
     :param scan_processes: processes that parse headers of a local staging area (on Linux);
         ``None`` uses the CPUs the task may run on, at most 8; 1 parses in the task's process.
+    :param scan_threads: threads reading headers of an object-store area at once; ``None`` uses
+        16; 1 reads one file at a time.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -74,6 +76,7 @@ class StagingOptions(BaseModel):
     header_prefix_bytes: ByteSize = Field(default=DEFAULT_HEADER_PREFIX, ge=1024)
     metadata: MetadataOptions = Field(default_factory=MetadataOptions)
     scan_processes: int | None = Field(default=None, ge=1)
+    scan_threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check_quarantine_location(self) -> StagingOptions:

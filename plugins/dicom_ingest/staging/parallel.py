@@ -1,4 +1,4 @@
-"""Classify the files of a local staging area in worker processes, in listing order.
+"""Classify the files of a staging area in worker processes or threads, in listing order.
 
 Parsing headers is CPU-bound Python, so one process classifies a few thousand files a second;
 an archive of millions of files needs the worker's other cores. The listing stays in the calling
@@ -14,8 +14,10 @@ not in one pass. A worker that dies (killed for memory, say) costs no file: the 
 siblings still held are classified again in the calling process, which then finishes the scan on
 its own.
 
-Object-store areas are classified in the calling process: their reads wait on the network, which
-processes do not help with.
+Object-store areas are classified in threads instead (:data:`DEFAULT_SCAN_THREADS` by default):
+each header costs a ranged read that mostly waits on a round trip, so a single reader would
+spend an archive's scan waiting. Chunks are smaller there (:data:`THREAD_CHUNK_ENTRIES`), so a
+modest area still keeps every thread busy, and come back in listing order the same way.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import signal
 import sys
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import chain, islice
 
 from dicom_ingest.staging.classify import Classification, HeaderClassifier, Reason
@@ -43,6 +46,10 @@ CHUNK_ENTRIES = 256
 CHUNKS_IN_FLIGHT_PER_PROCESS = 2
 MAX_SCAN_PROCESSES = 8
 """The default never uses more processes than this, however many cores the worker has."""
+DEFAULT_SCAN_THREADS = 16
+"""Threads reading an object-store area's headers at once unless the site says otherwise."""
+THREAD_CHUNK_ENTRIES = 16
+"""Files one thread classifies at a time in an object-store area."""
 
 
 @dataclass(frozen=True)
@@ -94,16 +101,21 @@ def classify_entries(
     entries: Iterable[SourceEntry],
     *,
     processes: int,
+    threads: int = DEFAULT_SCAN_THREADS,
 ) -> Iterator[Classification]:
     """Yield the classification of each entry, in the order of ``entries``.
 
     :param source: the staging area the entries come from.
     :param settings: how to classify.
     :param entries: the listed entries to classify (the listing is consumed lazily).
-    :param processes: worker processes to use; 1, a remote area or an area of fewer than
-        :data:`CHUNK_ENTRIES` files classifies in the calling process.
+    :param processes: worker processes for a local area; 1, or an area of fewer than
+        :data:`CHUNK_ENTRIES` files, classifies in the calling process.
+    :param threads: threads for an object-store area; 1 classifies in the calling thread.
     """
     remaining = iter(entries)
+    if not source.is_local and threads > 1:
+        yield from _classify_in_threads(source, settings, remaining, threads)
+        return
     if processes <= 1 or not _can_fork_workers(source):
         yield from _classify_in_process(source, settings, remaining)
         return
@@ -111,7 +123,7 @@ def classify_entries(
     if len(first_chunk) < CHUNK_ENTRIES:
         yield from _classify_in_process(source, settings, first_chunk)
         return
-    chunks = _chunks(first_chunk, remaining)
+    chunks = _chunks(chain(first_chunk, remaining), CHUNK_ENTRIES)
     runs = _StudyRuns()
     leftover: list[SourceEntry] = []
     for chunk_results in _classify_in_workers(source, settings, chunks, processes, leftover):
@@ -129,10 +141,35 @@ def _classify_in_process(
         yield classifier.classify(entry)
 
 
-def _chunks(first_chunk: list[SourceEntry], remaining: Iterator[SourceEntry]) -> Iterator[list[SourceEntry]]:
-    yield first_chunk
-    while chunk := list(islice(remaining, CHUNK_ENTRIES)):
+def _chunks(entries: Iterator[SourceEntry], size: int) -> Iterator[list[SourceEntry]]:
+    while chunk := list(islice(entries, size)):
         yield chunk
+
+
+def _classify_in_threads(
+    source: StagingSource, settings: ClassifierSettings, entries: Iterator[SourceEntry], threads: int
+) -> Iterator[Classification]:
+    """Classify chunks of entries in a thread pool, each with a classifier of its own; yield in order."""
+    log.info("Reading the headers of %s in %d threads", source.uri, threads)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dicom-ingest-scan")
+    runs = _StudyRuns()
+
+    def submit(chunk: list[SourceEntry]) -> Future[list[Classification]]:
+        return pool.submit(_classify_list, source, settings, chunk)
+
+    try:
+        keep = threads * CHUNKS_IN_FLIGHT_PER_PROCESS
+        chunks = _chunks(entries, THREAD_CHUNK_ENTRIES)
+        for chunk_results in _results_in_order(chunks, submit, keep, deque()):
+            yield from runs.continued(chunk_results)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _classify_list(
+    source: StagingSource, settings: ClassifierSettings, entries: list[SourceEntry]
+) -> list[Classification]:
+    return list(_classify_in_process(source, settings, entries))
 
 
 class _StudyRuns:
@@ -177,11 +214,8 @@ def _classify_in_workers(
     )
     pending: deque[_SentChunk] = deque()
     try:
-        for chunk in chunks:
-            pending.append(_SentChunk(chunk))
-            pending[-1].future = _submit(pool, chunk)
-            yield from _finished(pending, keep=processes * CHUNKS_IN_FLIGHT_PER_PROCESS)
-        yield from _finished(pending, keep=0)
+        keep = processes * CHUNKS_IN_FLIGHT_PER_PROCESS
+        yield from _results_in_order(chunks, partial(_submit, pool), keep, pending)
     except BrokenProcessPool:
         for sent in pending:
             leftover.extend(sent.entries)
@@ -193,6 +227,26 @@ def _classify_in_workers(
         )
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _results_in_order(
+    chunks: Iterable[list[SourceEntry]],
+    submit: Callable[[list[SourceEntry]], Future[list[Classification]]],
+    keep: int,
+    pending: deque[_SentChunk],
+) -> Iterator[list[Classification]]:
+    """Submit each chunk and yield the chunks' results oldest first, with at most ``keep`` on their way.
+
+    :param chunks: the chunks to classify.
+    :param submit: hands a chunk to the pool.
+    :param keep: how many chunks may be on their way while results wait to be taken.
+    :param pending: where the chunks on their way are kept (the caller's, to recover them).
+    """
+    for chunk in chunks:
+        pending.append(_SentChunk(chunk))
+        pending[-1].future = submit(chunk)
+        yield from _finished(pending, keep=keep)
+    yield from _finished(pending, keep=0)
 
 
 def _finished(pending: deque[_SentChunk], *, keep: int) -> Iterator[list[Classification]]:

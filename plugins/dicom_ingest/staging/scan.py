@@ -1,9 +1,9 @@
 """Scan a staging area into a :class:`~dicom_ingest.staging.catalog.ScanCatalog`.
 
-Every listed file is classified once, as it is listed (in worker processes for a local area,
-see :mod:`dicom_ingest.staging.parallel`), and streamed into the catalog in listing order. Files
-whose SOPInstanceUID repeats are then compared by content: only those are read in full (and
-hashed), so a normal scan reads headers only.
+Every listed file is classified once, as it is listed (in worker processes for a local area, in
+threads for an object-store one; see :mod:`dicom_ingest.staging.parallel`), and streamed into the
+catalog in listing order. Files whose SOPInstanceUID repeats are then compared by content: only
+those are read in full (and hashed), so a normal scan reads headers only.
 """
 
 from __future__ import annotations
@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from dicom_ingest.staging.catalog import ScanCatalog
 from dicom_ingest.staging.classify import InstanceRecord, Reason
 from dicom_ingest.staging.options import StagingOptions
-from dicom_ingest.staging.parallel import ClassifierSettings, classify_entries, default_scan_processes
+from dicom_ingest.staging.parallel import (
+    DEFAULT_SCAN_THREADS,
+    ClassifierSettings,
+    classify_entries,
+    default_scan_processes,
+)
 from dicom_ingest.staging.source import EntryKind, SourceEntry, StagingSource
 
 log = logging.getLogger(__name__)
@@ -61,6 +66,7 @@ def scan_staging(
         tag_mapping=options.metadata.tag_mapping,
     )
     processes = options.scan_processes or default_scan_processes()
+    threads = options.scan_threads or DEFAULT_SCAN_THREADS
     counts = Counter[str]()
 
     def instance_entries() -> Iterator[SourceEntry]:
@@ -75,7 +81,10 @@ def scan_staging(
                 yield entry
 
     classified = 0
-    for classification in classify_entries(source, settings, instance_entries(), processes=processes):
+    classifications = classify_entries(
+        source, settings, instance_entries(), processes=processes, threads=threads
+    )
+    for classification in classifications:
         catalog.add(classification)
         classified += 1
         if classified % PROGRESS_EVERY == 0:
