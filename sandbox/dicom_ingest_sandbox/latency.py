@@ -177,11 +177,16 @@ class DelayingProxy:
                 _relay(client_reader, upstream_writer, one_way, self._window(), not_before=handshake_done),
                 _relay(upstream_reader, client_writer, one_way, self._window()),
             )
-        finally:
+        except asyncio.CancelledError:
+            # The proxies are stopping with this connection still open (a client's pooled one):
+            # drop it and end quietly; a cancelled connection task makes asyncio log an error.
             for writer in (client_writer, upstream_writer):
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+                writer.transport.abort()
+            return
+        for writer in (client_writer, upstream_writer):
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
 
 async def _relay(
