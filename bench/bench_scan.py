@@ -58,7 +58,7 @@ ONE_PROCESS = StagingOptions(scan_processes=1)
 DEFAULT_PROCESSES = StagingOptions()
 
 
-def staging_scan(root: Path, scratch: Path, options: StagingOptions) -> int:
+def staging_scan(root: Path | str, scratch: Path, options: StagingOptions) -> int:
     """Scan with the staging code into a fresh catalog; return the number of files classified."""
     catalog_path = scratch / "bench.sqlite"
     catalog_path.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 from pydicom import config as pydicom_config
@@ -148,26 +147,26 @@ def test_one_process_object_stores_and_small_areas_start_no_process(
 
 
 class _OverlapMeter:
-    """Wraps StagingSource.open to count the reads under way at once (each made to take a while)."""
+    """Wraps StagingSource.read_prefix to count the header reads under way at once (each made slow)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.most = 0
         self._now = 0
         self._lock = threading.Lock()
-        real_open = StagingSource.open
+        real_read_prefix = StagingSource.read_prefix
 
-        def slow_open(source: StagingSource, relative_path: str, **options: object) -> BinaryIO:
+        def slow_read_prefix(source: StagingSource, relative_path: str, size: int) -> bytes:
             with self._lock:
                 self._now += 1
                 self.most = max(self.most, self._now)
             try:
                 time.sleep(0.01)  # a round trip to the store
-                return real_open(source, relative_path, **options)  # type: ignore[arg-type]
+                return real_read_prefix(source, relative_path, size)
             finally:
                 with self._lock:
                     self._now -= 1
 
-        monkeypatch.setattr(StagingSource, "open", slow_open)
+        monkeypatch.setattr(StagingSource, "read_prefix", slow_read_prefix)
 
 
 def test_an_object_store_area_is_read_in_threads_with_one_pass_results_in_order(

@@ -9,6 +9,7 @@ from pathlib import Path
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+from s3fs import S3FileSystem
 
 from dicom_ingest.staging.classify import Reason
 from dicom_ingest.staging.options import QuarantinePolicy, StagingOptions
@@ -82,6 +83,27 @@ def test_s3_listing_streams_sorted_entries_with_sizes(bucket: object, tmp_path: 
     ]
     with source.open("a/sub/1.dcm", block_size=1024) as stream:
         assert stream.read() == b"xxxxx"
+
+
+def test_a_header_read_from_s3_is_one_ranged_get_without_a_metadata_request(
+    bucket: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = bytes(range(256)) * 40
+    bucket.put_object(Bucket=BUCKET, Key="d/x.dcm", Body=body)  # type: ignore[attr-defined]
+    bucket.put_object(Bucket=BUCKET, Key="d/short.dcm", Body=b"abc")  # type: ignore[attr-defined]
+    source = StagingSource.from_uri(f"s3://{CONN_ID}@{BUCKET}/d/")
+    assert [entry.relative_path for entry in source.walk()] == ["short.dcm", "x.dcm"]
+
+    def no_metadata_request(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a HEAD request was made")
+
+    filesystem = source.path("x.dcm").fs
+    assert isinstance(filesystem, S3FileSystem)
+    monkeypatch.setattr(filesystem, "info", no_metadata_request)  # what a file object asks first
+    monkeypatch.setattr(filesystem, "_info", no_metadata_request)
+
+    assert source.read_prefix("x.dcm", 1000) == body[:1000]
+    assert source.read_prefix("short.dcm", 1000) == b"abc"
 
 
 def test_plan_from_s3_staging_with_s3_quarantine_and_work(bucket: object, tmp_path: Path) -> None:

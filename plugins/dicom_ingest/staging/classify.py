@@ -363,8 +363,7 @@ class HeaderClassifier:
                 entry, Reason.TOO_LARGE, f"{entry.size} bytes, over the limit of {self._max_file_size} bytes"
             )
         try:
-            with self._source.open(path, block_size=self._prefix_bytes) as stream:
-                head = stream.read(self._prefix_bytes)
+            head = self._source.read_prefix(path, self._prefix_bytes)
         except OSError as exc:
             return self._rejected(entry, Reason.UNREADABLE, f"could not be read ({type(exc).__name__})")
         with quiet_pydicom():

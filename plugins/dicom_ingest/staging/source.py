@@ -123,6 +123,21 @@ class StagingSource:
         options: dict[str, Any] = {"block_size": block_size} if block_size else {}
         return self.path(relative_path).open("rb", **options)
 
+    def read_prefix(self, relative_path: str, size: int) -> bytes:
+        """Return the first ``size`` bytes of a file below the root (fewer if the file is shorter).
+
+        An object store answers it with one ranged GET; opening the object as a file would cost
+        a metadata request (HEAD) first.
+
+        :param relative_path: a path from :meth:`walk`.
+        :param size: how many bytes to read.
+        """
+        if self.is_local:
+            with open(os.path.join(self._local_root, relative_path), "rb", buffering=size) as stream:
+                return stream.read(size)
+        path = self.path(relative_path)
+        return path.fs.cat_file(path.path, start=0, end=size)
+
     def walk(self) -> Iterator[SourceEntry]:
         """Yield every entry below the root, depth first, each folder sorted by name.
 
