@@ -3,7 +3,7 @@
 Parsing headers is CPU-bound Python, so one process classifies a few thousand files a second;
 an archive of millions of files needs the worker's other cores. The listing stays in the calling
 process; the files go to the workers in chunks of :data:`CHUNK_ENTRIES`, and the results come back
-in listing order, at most :data:`CHUNKS_IN_FLIGHT_PER_PROCESS` chunks per process ahead of the
+in listing order, at most :data:`CHUNKS_IN_FLIGHT_PER_WORKER` chunks per worker ahead of the
 consumer, so memory does not depend on the size of the area.
 
 The workers are forked (Linux only), so they start at once with everything the task process has
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_ENTRIES = 256
 """Files handed to a worker at once; an area with fewer files is classified in-process."""
-CHUNKS_IN_FLIGHT_PER_PROCESS = 2
+CHUNKS_IN_FLIGHT_PER_WORKER = 2
 MAX_SCAN_PROCESSES = 8
 """The default never uses more processes than this, however many cores the worker has."""
 DEFAULT_SCAN_THREADS = 16
@@ -158,7 +158,7 @@ def _classify_in_threads(
         return pool.submit(_classify_list, source, settings, chunk)
 
     try:
-        keep = threads * CHUNKS_IN_FLIGHT_PER_PROCESS
+        keep = threads * CHUNKS_IN_FLIGHT_PER_WORKER
         chunks = _chunks(entries, THREAD_CHUNK_ENTRIES)
         for chunk_results in _results_in_order(chunks, submit, keep, deque()):
             yield from runs.continued(chunk_results)
@@ -214,7 +214,7 @@ def _classify_in_workers(
     )
     pending: deque[_SentChunk] = deque()
     try:
-        keep = processes * CHUNKS_IN_FLIGHT_PER_PROCESS
+        keep = processes * CHUNKS_IN_FLIGHT_PER_WORKER
         yield from _results_in_order(chunks, partial(_submit, pool), keep, pending)
     except BrokenProcessPool:
         for sent in pending:
