@@ -6,13 +6,16 @@ is pointed at a throw-away AIRFLOW_HOME here, before any test module imports it.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _airflow_home = Path(tempfile.mkdtemp(prefix="dicom-ingest-airflow-"))
+atexit.register(shutil.rmtree, _airflow_home, ignore_errors=True)
 os.environ["AIRFLOW_HOME"] = str(_airflow_home)
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
