@@ -77,7 +77,10 @@ def _peak_planning_memory(root: Path, work: Path, studies: int, instances_per_st
     gc.collect()
     tracemalloc.start()
     try:
-        plan = build_plan(str(root), str(work), StagingOptions(max_batch_instances=1_000))
+        # One process: worker processes keep up to a few chunks of results in flight, whose
+        # share of the peak depends on timing, not on the number of files.
+        options = StagingOptions(max_batch_instances=1_000, scan_processes=1)
+        plan = build_plan(str(root), str(work), options)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
