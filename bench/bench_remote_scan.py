@@ -14,7 +14,6 @@ the speed-up. Run it with ``uv run python -m bench.bench_remote_scan [--files N]
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -25,14 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import boto3
-from moto.server import ThreadedMotoServer
-
 from bench.bench_scan import INSTANCES_PER_STUDY, staging_scan
 from dicom_ingest.staging.options import StagingOptions
 from dicom_ingest.staging.parallel import DEFAULT_SCAN_THREADS
 from dicom_ingest_sandbox.latency import LatencyProxies, Route
 from tests.staging.factory import clone_study
+from tests.staging.moto_s3 import aws_connection, running_moto, s3_client
 
 CONN_ID = "bench_staging"
 BUCKET = "bench-staging"
@@ -44,16 +41,11 @@ METHODS = {"one_thread": StagingOptions(scan_threads=1), "threads": StagingOptio
 @contextmanager
 def delayed_s3(round_trip_ms: float) -> Iterator[tuple[str, str]]:
     """Run moto's S3 server and a latency proxy in front of it; yield (direct URL, proxied URL)."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    try:
+    with running_moto() as (host, port):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
         with LatencyProxies(round_trip_ms, [Route(listener, host, port)]):
             yield f"http://{host}:{port}", f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        server.stop()
 
 
 def fill_bucket(endpoint: str, files: int, scratch: Path) -> int:
@@ -62,13 +54,7 @@ def fill_bucket(endpoint: str, files: int, scratch: Path) -> int:
     local = scratch / "local"
     for number in range(studies):
         clone_study(local, f"study{number:05d}/series1", number, INSTANCES_PER_STUDY)
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="bench",
-        aws_secret_access_key="bench",
-        region_name="us-east-1",
-    )
+    client = s3_client(endpoint)
     client.create_bucket(Bucket=BUCKET)
     for path in sorted(local.rglob("*.dcm")):
         client.upload_file(str(path), BUCKET, f"{PREFIX}/{path.relative_to(local)}")
@@ -77,14 +63,7 @@ def fill_bucket(endpoint: str, files: int, scratch: Path) -> int:
 
 def use_connection(endpoint: str) -> None:
     """Point the Airflow connection the staging URI names at ``endpoint``."""
-    os.environ[f"AIRFLOW_CONN_{CONN_ID.upper()}"] = json.dumps(
-        {
-            "conn_type": "aws",
-            "login": "bench",
-            "password": "bench",
-            "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-        }
-    )
+    os.environ[f"AIRFLOW_CONN_{CONN_ID.upper()}"] = aws_connection(endpoint)
 
 
 def measure_remote_scan(files: int, round_trip_ms: float, runs: int = RUNS) -> dict[str, float]:

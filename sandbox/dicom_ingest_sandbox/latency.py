@@ -182,11 +182,11 @@ class DelayingProxy:
             # drop it and end quietly; a cancelled connection task makes asyncio log an error.
             for writer in (client_writer, upstream_writer):
                 writer.transport.abort()
-            return
-        for writer in (client_writer, upstream_writer):
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        finally:
+            for writer in (client_writer, upstream_writer):
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
 
 
 async def _relay(
@@ -251,7 +251,7 @@ async def _relay(
             if chunk is None:
                 writer.transport.abort()
                 return
-            if len(chunk) == 0:
+            if chunk == _END_OF_STREAM:
                 if writer.can_write_eof() and not writer.transport.is_closing():
                     with contextlib.suppress(OSError):
                         writer.write_eof()

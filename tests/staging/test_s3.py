@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 from s3fs import S3FileSystem
 
 from dicom_ingest.staging.classify import Reason
@@ -16,6 +13,7 @@ from dicom_ingest.staging.options import QuarantinePolicy, StagingOptions
 from dicom_ingest.staging.plan import Plan, build_plan
 from dicom_ingest.staging.source import SourceEntry, StagingSource
 from tests.staging.factory import copy_bundled, uid, write_instance
+from tests.staging.moto_s3 import aws_connection, running_moto, s3_client
 
 CONN_ID = "staging_s3"
 BUCKET = "hospital-staging"
@@ -23,33 +21,14 @@ BUCKET = "hospital-staging"
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with running_moto() as (host, port):
+        yield f"http://{host}:{port}"
 
 
 @pytest.fixture
 def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    monkeypatch.setenv(
-        f"AIRFLOW_CONN_{CONN_ID.upper()}",
-        json.dumps(
-            {
-                "conn_type": "aws",
-                "login": "testing",
-                "password": "testing",
-                "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
-            }
-        ),
-    )
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", aws_connection(s3_endpoint))
+    client = s3_client(s3_endpoint)
     client.create_bucket(Bucket=BUCKET)
     yield client
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):

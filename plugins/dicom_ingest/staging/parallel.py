@@ -299,5 +299,4 @@ def _start_worker(source: StagingSource, settings: ClassifierSettings) -> None:
 def _classify_chunk(entries: list[SourceEntry]) -> list[Classification]:
     """Classify one chunk in a worker, with a classifier of its own."""
     assert _worker_source is not None and _worker_settings is not None
-    classifier = _worker_settings.classifier(_worker_source)
-    return [classifier.classify(entry) for entry in entries]
+    return _classify_list(_worker_source, _worker_settings, entries)
