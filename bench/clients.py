@@ -29,6 +29,8 @@ DICOM_CONTENT_TYPE = "application/dicom"
 _ERROR_CODE = re.compile(r"<Code>([^<]*)</Code>\s*<Message>([^<]{0,200})")
 """The code and message of an S3 error document."""
 _FIRST_SERVER_ERROR = 500
+_MAX_CAUSES = 4
+"""Exception classes named at most for a dropped connection (the error and what it wraps)."""
 REQUEST_TIMEOUT = (10.0, 120.0)
 
 
@@ -42,6 +44,34 @@ class UploadRefused(RuntimeError):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """Whether a real client would try again: a 5xx answer."""
+        return self.status >= _FIRST_SERVER_ERROR
+
+
+class ConnectionDropped(UploadRefused):
+    """A call's connection failed before an answer; named by exception classes only.
+
+    Their texts are left out: a transport error's text may hold the presigned URL and its signature.
+
+    :param call: the call, e.g. ``PUT``.
+    :param error: what ``requests`` raised.
+    """
+
+    def __init__(self, call: str, error: requests.ConnectionError) -> None:
+        names = [type(error).__name__]
+        inner = error.args[0] if error.args else None
+        while isinstance(inner, BaseException) and len(names) < _MAX_CAUSES:
+            names.append(type(inner).__name__)
+            inner = getattr(inner, "reason", None) or (inner.args[-1] if inner.args else None)
+        super().__init__(f"{call} lost its connection ({' / '.join(names)})")
+
+    @property
+    def transient(self) -> bool:
+        """A dropped connection is worth another try."""
+        return True
 
 
 @dataclass(frozen=True)
@@ -101,18 +131,24 @@ def _presign_and_put(
     get: HttpCall, put: HttpCall, api: VendorApi, token: str, staged: StagedFile, *, verify: bool = False
 ) -> None:
     """Presign one URL and PUT one file to it, once; with ``verify``, check the ETag against the MD5 sent."""
-    presigned = get(
-        f"{api.base_url}/upload", headers={"Authorization": f"Bearer {token}"}, timeout=REQUEST_TIMEOUT
-    )
+    try:
+        presigned = get(
+            f"{api.base_url}/upload", headers={"Authorization": f"Bearer {token}"}, timeout=REQUEST_TIMEOUT
+        )
+    except requests.ConnectionError as error:
+        raise ConnectionDropped("GET /upload", error) from None
     _check("GET /upload", presigned)
     with staged.path.open("rb") as stream:
         body = _HashedBody(stream, staged.size) if verify else stream
-        stored = put(
-            presigned.json()["url"],
-            data=body,
-            headers={"Content-Type": DICOM_CONTENT_TYPE},
-            timeout=REQUEST_TIMEOUT,
-        )
+        try:
+            stored = put(
+                presigned.json()["url"],
+                data=body,
+                headers={"Content-Type": DICOM_CONTENT_TYPE},
+                timeout=REQUEST_TIMEOUT,
+            )
+        except requests.ConnectionError as error:
+            raise ConnectionDropped("PUT", error) from None
     _check("PUT", stored)
     if verify and stored.headers.get("ETag", "").strip('"') != body.digest.hexdigest():
         raise UploadRefused("PUT answered an ETag that is not the MD5 of the body sent")
@@ -120,8 +156,8 @@ def _presign_and_put(
 
 def _send_one(
     get: HttpCall, put: HttpCall, api: VendorApi, token: str, staged: StagedFile, *, verify: bool = False
-) -> int:
-    """Presign and PUT one file; after a 5xx or a transport error, once more with a new URL.
+) -> str | None:
+    """Presign and PUT one file; after a 5xx or a dropped connection, once more with a new URL.
 
     Any real client retries transient errors; one retry keeps a rare store hiccup from failing a
     whole run without hiding a systematic one.
@@ -132,40 +168,42 @@ def _send_one(
     :param token: a bearer token with the ``upload`` scope.
     :param staged: the file to send.
     :param verify: hash the body and check the store's ETag against it.
-    :return: how many retries it took (0 or 1).
+    :return: why the file was sent a second time, or ``None`` when once was enough.
     """
     try:
         _presign_and_put(get, put, api, token, staged, verify=verify)
     except UploadRefused as error:
-        if error.status < _FIRST_SERVER_ERROR:
+        if not error.transient:
             raise
-    except requests.ConnectionError:
-        pass
+        reason = str(error)
     else:
-        return 0
+        return None
     _presign_and_put(get, put, api, token, staged, verify=verify)
-    return 1
+    return reason
 
 
-def naive_upload(api: VendorApi, files: Sequence[StagedFile]) -> int:
+def naive_upload(api: VendorApi, files: Sequence[StagedFile]) -> list[str]:
     """Send the files one after another with plain ``requests.get`` / ``requests.put``.
 
     :param api: the vendor's API.
     :param files: the instances to send.
-    :return: how many uploads were retried.
+    :return: why each retried upload was retried.
     """
     token = api.token()
-    return sum(_send_one(requests.get, requests.put, api, token, staged) for staged in files)
+    reasons = (_send_one(requests.get, requests.put, api, token, staged) for staged in files)
+    return [reason for reason in reasons if reason is not None]
 
 
-def pooled_upload(api: VendorApi, files: Sequence[StagedFile], workers: int, *, verify: bool = False) -> int:
+def pooled_upload(
+    api: VendorApi, files: Sequence[StagedFile], workers: int, *, verify: bool = False
+) -> list[str]:
     """Send the files with ``workers`` threads sharing one pooled ``requests.Session``.
 
     :param api: the vendor's API.
     :param files: the instances to send.
     :param workers: parallel uploads.
     :param verify: hash each body and check the store's ETag against it.
-    :return: how many uploads were retried.
+    :return: why each retried upload was retried.
     """
     token = api.token()
     session = requests.Session()
@@ -173,20 +211,19 @@ def pooled_upload(api: VendorApi, files: Sequence[StagedFile], workers: int, *, 
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     failures: list[BaseException] = []
-    retried = 0
+    retried: list[str] = []
     lock = threading.Lock()
 
     def send(staged: StagedFile) -> None:
-        nonlocal retried
         try:
-            retries = _send_one(session.get, session.put, api, token, staged, verify=verify)
+            reason = _send_one(session.get, session.put, api, token, staged, verify=verify)
         except (requests.RequestException, UploadRefused) as error:
             with lock:
                 failures.append(error)
             return
-        if retries:
+        if reason is not None:
             with lock:
-                retried += retries
+                retried.append(reason)
 
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="ceiling") as pool:

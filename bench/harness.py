@@ -107,7 +107,8 @@ class Sample:
     :param service_cpu: CPU seconds of the sandbox's API and store while they received the run.
     :param proxy_cpu: CPU seconds of the latency proxies (0 on loopback).
     :param workers: parallel uploads used.
-    :param retries: uploads a raw client had to send twice (a 5xx or a dropped connection).
+    :param retry_reasons: why each upload a raw client had to send twice was re-sent (a 5xx
+        answer or a dropped connection, never a URL).
     """
 
     method: str
@@ -118,7 +119,12 @@ class Sample:
     service_cpu: float
     proxy_cpu: float = 0.0
     workers: int = 1
-    retries: int = 0
+    retry_reasons: tuple[str, ...] = ()
+
+    @property
+    def retries(self) -> int:
+        """Return how many uploads a raw client sent twice."""
+        return len(self.retry_reasons)
 
     @property
     def instances_per_second(self) -> float:

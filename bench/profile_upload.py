@@ -29,14 +29,23 @@ from bench.datasets import write_dataset
 from bench.run import parse_dataset
 from dicom_ingest_sandbox.latency import LATENCY_MODELS
 
-METHODS = ("plugin", "ceiling", "naive")
+METHODS = ("plugin", "ceiling", "ceiling+md5", "naive")
 TOP_FUNCTIONS = 30
+IDLE_FIELD = 3
+"""Position of the idle ticks on the ``cpu`` line of ``/proc/stat``."""
 
 
-def _cpu_seconds() -> float:
-    """Return the CPU seconds this process has used so far, all threads."""
+def _machine_ticks() -> tuple[int, int]:
+    """Return the whole machine's idle and total CPU ticks so far (``/proc/stat``)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:]]
+    return ticks[IDLE_FIELD], sum(ticks)
+
+
+def _cpu_seconds_and_switches() -> tuple[float, int]:
+    """Return the CPU seconds and the context switches of this process so far, all threads."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime, usage.ru_nvcsw + usage.ru_nivcsw
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,10 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 def upload() -> object:
                     return product.upload_batches(site, plan, "profile")
 
-            elif arguments.method == "ceiling":
+            elif arguments.method in {"ceiling", "ceiling+md5"}:
+                verify = arguments.method == "ceiling+md5"
 
                 def upload() -> object:
-                    return pooled_upload(api, dataset.files, arguments.workers)
+                    return pooled_upload(api, dataset.files, arguments.workers, verify=verify)
 
             else:
 
@@ -109,18 +119,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return naive_upload(api, dataset.files)
 
             profiler = cProfile.Profile() if arguments.cprofile else None
-            cpu_before = _cpu_seconds()
+            cpu_before, switches_before = _cpu_seconds_and_switches()
+            idle_before, ticks_before = _machine_ticks()
             started = time.perf_counter()
             if profiler is not None:
                 profiler.runcall(upload)
             else:
                 upload()
             seconds = time.perf_counter() - started
-            cpu = _cpu_seconds() - cpu_before
-            rate = arguments.dataset.instances / seconds
+            cpu_after, switches_after = _cpu_seconds_and_switches()
+            idle_after, ticks_after = _machine_ticks()
+            cpu, switches = cpu_after - cpu_before, switches_after - switches_before
+            instances = arguments.dataset.instances
             print(
-                f"{arguments.method}: {rate:.1f} instances/s ({seconds:.2f} s), "
-                f"uploader CPU {cpu:.2f} s ({cpu / arguments.dataset.instances * 1000:.2f} ms per instance)"
+                f"{arguments.method}: {instances / seconds:.1f} instances/s ({seconds:.2f} s), "
+                f"uploader CPU {cpu:.2f} s ({cpu / instances * 1000:.2f} ms per instance), "
+                f"{switches / instances:.0f} context switches per instance, "
+                f"machine idle {(idle_after - idle_before) / max(1, ticks_after - ticks_before):.1%}"
             )
     if profiler is not None and arguments.cprofile is not None:
         profiler.dump_stats(arguments.cprofile)

@@ -41,7 +41,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -343,7 +343,11 @@ class ConditionContext:
 
 
 def _raw_sample(
-    context: ConditionContext, method: str, files: Sequence[Any], upload: Callable[[], int], workers: int
+    context: ConditionContext,
+    method: str,
+    files: Sequence[Any],
+    upload: Callable[[], list[str]],
+    workers: int,
 ) -> Sample:
     """Measure a raw client (no ledger, no metadata) over ``files``."""
     from bench.clients import UploadRefused
@@ -364,7 +368,7 @@ def _raw_sample(
         timing.service_cpu,
         timing.proxy_cpu,
         workers,
-        retries=timing.result,
+        retry_reasons=tuple(timing.result),
     )
 
 
@@ -823,11 +827,22 @@ class Report:
                 "",
                 markdown_table(SWEEP_COLUMNS, self.sweep_rows()),
             ]
+            parts += self._retry_lines()
         parts += ["", "### Targets", "", markdown_table(TARGET_COLUMNS, self.target_rows())]
         parts += self._other_tables()
         for section, error in self.all_failures().items():
             parts += ["", f"**{section} failed**: {error.splitlines()[0]}"]
         return "\n".join(parts) + "\n"
+
+    def _retry_lines(self) -> list[str]:
+        """Return why the raw clients re-sent uploads, per row of the upload table (nothing if none)."""
+        lines = []
+        for (condition, dataset, method), samples in self.uploads.samples.items() if self.uploads else ():
+            reasons = Counter(reason for sample in samples for reason in sample.retry_reasons)
+            if reasons:
+                counted = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())
+                lines.append(f"- {condition} {dataset} {method}: {counted}")
+        return ["", "Raw clients' re-sent uploads, and why:", "", *lines] if lines else []
 
     def _other_tables(self) -> list[str]:
         """Return the memory, scan, parse and ledger tables."""
