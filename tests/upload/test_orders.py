@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from tests.upload.support import (
 )
 
 METADATA_WAIT = 30.0
+FIRST_LOOKUP_WAIT = 0.1
 
 
 def detail_of(ledger: Ledger, uid: str) -> StudyDetail:
@@ -51,7 +53,7 @@ def fail_after_first_instance(
     vendor.add_order(study.study_uid, "order-old", status=FAILED, sops=[first.sop_uid])
 
 
-def test_the_order_lookup_waits_with_backoff_while_the_vendor_files_the_instances(
+def test_the_order_lookup_waits_with_gently_growing_backoff_while_the_vendor_files_the_instances(
     make_uploader: Callable[..., BatchUploader],
     vendor: FakeVendor,
     ledger: Ledger,
@@ -66,6 +68,11 @@ def test_the_order_lookup_waits_with_backoff_while_the_vendor_files_the_instance
 
     assert len(sleep.waits) == 4
     assert sleep.waits == sorted(sleep.waits) and sleep.waits[-1] > sleep.waits[0]
+    # The last study's lookup ends every batch: it starts short and grows by at most half each
+    # time, so an order the vendor files within 0.8 s is found by the fifth lookup.
+    assert sleep.waits[0] <= FIRST_LOOKUP_WAIT
+    assert all(later <= 1.5 * earlier + 1e-9 for earlier, later in pairwise(sleep.waits))
+    assert sum(sleep.waits) < 1.0
     assert vendor.patched_orders() == vendor.orders[study.study_uid]
     assert (result.orders, result.failed) == (1, 0)
 

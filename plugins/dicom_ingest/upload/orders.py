@@ -2,6 +2,9 @@
 
 The vendor files uploaded instances into orders asynchronously, so right after a study's last
 instance its order may not be listed yet: the lookup is repeated with backoff for a bounded time.
+The backoff starts short and grows by half each time, so a lookup comes at most about half
+again as late as the moment the vendor filed the order: the last study's lookup is the end of
+every batch.
 The order picked is the study's most recent one, unless that one existed before this send and
 did not take this send's instances (then the vendor is still filing them into a new order).
 Orders the study had before that are not picked are *abandoned*: a partial order left behind by
@@ -28,8 +31,10 @@ log = logging.getLogger(__name__)
 HTTP_CONFLICT = 409
 """The vendor's answer to metadata sent to an order that is no longer taking any."""
 
-ORDER_POLL_FIRST_WAIT = 0.25
-"""Seconds before the second order lookup; the wait doubles after each lookup ..."""
+ORDER_POLL_FIRST_WAIT = 0.1
+"""Seconds before the second order lookup ..."""
+ORDER_POLL_GROWTH = 1.5
+"""... each wait this many times the one before ..."""
 ORDER_POLL_MAX_WAIT = 5.0
 """... up to this many seconds."""
 
@@ -135,7 +140,9 @@ class OrderFinaliser:
         retrying = Retrying(
             retry=retry_if_exception_type((DicomIngestOrderNotFoundError, OrderNotFiledError)),
             stop=stop,
-            wait=wait_exponential(multiplier=ORDER_POLL_FIRST_WAIT, max=ORDER_POLL_MAX_WAIT),
+            wait=wait_exponential(
+                multiplier=ORDER_POLL_FIRST_WAIT, exp_base=ORDER_POLL_GROWTH, max=ORDER_POLL_MAX_WAIT
+            ),
             sleep=self._sleep,
             reraise=True,
         )
