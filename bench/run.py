@@ -836,8 +836,10 @@ class Report:
 
     def _retry_lines(self) -> list[str]:
         """Return why the raw clients re-sent uploads, per row of the upload table (nothing if none)."""
+        if self.uploads is None:
+            return []
         lines = []
-        for (condition, dataset, method), samples in self.uploads.samples.items() if self.uploads else ():
+        for (condition, dataset, method), samples in self.uploads.samples.items():
             reasons = Counter(reason for sample in samples for reason in sample.retry_reasons)
             if reasons:
                 counted = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())

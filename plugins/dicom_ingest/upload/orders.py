@@ -2,9 +2,9 @@
 
 The vendor files uploaded instances into orders asynchronously, so right after a study's last
 instance its order may not be listed yet: the lookup is repeated with backoff for a bounded time.
-The backoff starts short and grows by half each time, so a lookup comes at most about half
-again as late as the moment the vendor filed the order: the last study's lookup is the end of
-every batch.
+The waits start short and grow by half each time, so the lookup that finds an order comes no
+later than half again the time the vendor took to file it, plus the first wait (or one longest
+wait, once the waits stop growing): the last study's lookup is the end of every batch.
 The order picked is the study's most recent one, unless that one existed before this send and
 did not take this send's instances (then the vendor is still filing them into a new order).
 Orders the study had before that are not picked are *abandoned*: a partial order left behind by
