@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -127,28 +128,32 @@ class _HashedBody:
         return chunk
 
 
+@contextmanager
+def _drops_named(call: str) -> Iterator[None]:
+    """Turn a dropped connection inside the block into :class:`ConnectionDropped` for ``call``."""
+    try:
+        yield
+    except requests.ConnectionError as error:
+        raise ConnectionDropped(call, error) from None
+
+
 def _presign_and_put(
     get: HttpCall, put: HttpCall, api: VendorApi, token: str, staged: StagedFile, *, verify: bool = False
 ) -> None:
     """Presign one URL and PUT one file to it, once; with ``verify``, check the ETag against the MD5 sent."""
-    try:
+    with _drops_named("GET /upload"):
         presigned = get(
             f"{api.base_url}/upload", headers={"Authorization": f"Bearer {token}"}, timeout=REQUEST_TIMEOUT
         )
-    except requests.ConnectionError as error:
-        raise ConnectionDropped("GET /upload", error) from None
     _check("GET /upload", presigned)
-    with staged.path.open("rb") as stream:
+    with staged.path.open("rb") as stream, _drops_named("PUT"):
         body = _HashedBody(stream, staged.size) if verify else stream
-        try:
-            stored = put(
-                presigned.json()["url"],
-                data=body,
-                headers={"Content-Type": DICOM_CONTENT_TYPE},
-                timeout=REQUEST_TIMEOUT,
-            )
-        except requests.ConnectionError as error:
-            raise ConnectionDropped("PUT", error) from None
+        stored = put(
+            presigned.json()["url"],
+            data=body,
+            headers={"Content-Type": DICOM_CONTENT_TYPE},
+            timeout=REQUEST_TIMEOUT,
+        )
     _check("PUT", stored)
     if verify and stored.headers.get("ETag", "").strip('"') != body.digest.hexdigest():
         raise UploadRefused("PUT answered an ETag that is not the MD5 of the body sent")

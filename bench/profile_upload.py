@@ -26,6 +26,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.datasets import write_dataset
+from bench.harness import own_cpu_seconds
 from bench.run import parse_dataset
 from dicom_ingest_sandbox.latency import LATENCY_MODELS
 
@@ -42,10 +43,10 @@ def _machine_ticks() -> tuple[int, int]:
     return ticks[IDLE_FIELD], sum(ticks)
 
 
-def _cpu_seconds_and_switches() -> tuple[float, int]:
-    """Return the CPU seconds and the context switches of this process so far, all threads."""
+def _context_switches() -> int:
+    """Return the context switches of this process so far, all threads, voluntary or not."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime, usage.ru_nvcsw + usage.ru_nivcsw
+    return usage.ru_nvcsw + usage.ru_nivcsw
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return naive_upload(api, dataset.files)
 
             profiler = cProfile.Profile() if arguments.cprofile else None
-            cpu_before, switches_before = _cpu_seconds_and_switches()
+            cpu_before, switches_before = own_cpu_seconds(), _context_switches()
             idle_before, ticks_before = _machine_ticks()
             started = time.perf_counter()
             if profiler is not None:
@@ -127,9 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 upload()
             seconds = time.perf_counter() - started
-            cpu_after, switches_after = _cpu_seconds_and_switches()
+            cpu, switches = own_cpu_seconds() - cpu_before, _context_switches() - switches_before
             idle_after, ticks_after = _machine_ticks()
-            cpu, switches = cpu_after - cpu_before, switches_after - switches_before
             instances = arguments.dataset.instances
             print(
                 f"{arguments.method}: {instances / seconds:.1f} instances/s ({seconds:.2f} s), "
