@@ -81,6 +81,8 @@ SECTIONS = ("uploads", "memory", "scan", "parse", "ledger")
 PLUGIN_OVER_CEILING = "plugin/ceiling"
 PLUGIN_OVER_NAIVE = "plugin/naive"
 PLUGIN_OVER_CEILING_MD5 = "plugin/(ceiling+md5)"
+CEILING_MD5_OVER_CEILING = "(ceiling+md5)/ceiling"
+"""How close a raw client that also does the design's MD5 check comes to the unhashed ceiling."""
 DAG_OVER_CEILING = "dag/ceiling"
 DAG_WALL_OVER_LIMIT = "dag wall / (1.3 x ceiling wall + quiet period)"
 DAG_WALL_FACTOR = 1.3
@@ -485,6 +487,12 @@ def measure_dataset(context: ConditionContext, dataset: StagedDataset, options: 
             name,
             PLUGIN_OVER_CEILING_MD5,
             plugin.instances_per_second / verified.instances_per_second,
+        )
+        results.ratio(
+            condition,
+            name,
+            CEILING_MD5_OVER_CEILING,
+            verified.instances_per_second / ceiling.instances_per_second,
         )
         results.ratio(
             condition, name, PLUGIN_OVER_NAIVE, plugin.instances_per_second / naive.instances_per_second

@@ -15,6 +15,7 @@ import pytest
 from bench.run import (
     CEILING,
     CEILING_MD5,
+    CEILING_MD5_OVER_CEILING,
     DAG,
     DAG_EMPTY,
     DAG_OVER_CEILING,
@@ -77,6 +78,15 @@ def test_the_quick_harness_fills_every_row_of_every_section(sandbox: Sandbox) ->
         assert f"{PLUGIN_OVER_CEILING} ({LOOPBACK}, {spec.name})" in figures
         assert f"{PLUGIN_OVER_NAIVE} ({LOOPBACK}, {spec.name})" in figures
         assert f"{PLUGIN_OVER_CEILING_MD5} ({LOOPBACK}, {spec.name})" in figures
+        assert f"{CEILING_MD5_OVER_CEILING} ({LOOPBACK}, {spec.name})" in figures
+        assert report.uploads is not None
+        raw_runs = report.uploads.samples[(LOOPBACK, spec.name, CEILING)]
+        hashing_runs = report.uploads.samples[(LOOPBACK, spec.name, CEILING_MD5)]
+        hashing_over_raw = [
+            hashing.instances_per_second / raw.instances_per_second
+            for raw, hashing in zip(raw_runs, hashing_runs, strict=True)
+        ]
+        assert report.uploads.ratios[(LOOPBACK, spec.name, CEILING_MD5_OVER_CEILING)] == hashing_over_raw
     for ratio in (DAG_OVER_CEILING, DAG_WALL_OVER_LIMIT):
         assert f"{ratio} ({LOOPBACK}, {options.dag_dataset.name})" in figures
     assert any(figure.startswith("peak RSS growth") for figure in figures)
