@@ -479,24 +479,14 @@ def measure_dataset(context: ConditionContext, dataset: StagedDataset, options: 
         ceiling = results.add(condition, name, ceiling_sample(context, dataset.files, workers))
         verified = results.add(condition, name, ceiling_sample(context, dataset.files, workers, verify=True))
         plugin = results.add(condition, name, plugin_sample(context, dataset))
-        results.ratio(
-            condition, name, PLUGIN_OVER_CEILING, plugin.instances_per_second / ceiling.instances_per_second
-        )
-        results.ratio(
-            condition,
-            name,
-            PLUGIN_OVER_CEILING_MD5,
-            plugin.instances_per_second / verified.instances_per_second,
-        )
-        results.ratio(
-            condition,
-            name,
-            CEILING_MD5_OVER_CEILING,
-            verified.instances_per_second / ceiling.instances_per_second,
-        )
-        results.ratio(
-            condition, name, PLUGIN_OVER_NAIVE, plugin.instances_per_second / naive.instances_per_second
-        )
+        for ratio, measured, reference in (
+            (PLUGIN_OVER_CEILING, plugin, ceiling),
+            (PLUGIN_OVER_CEILING_MD5, plugin, verified),
+            (CEILING_MD5_OVER_CEILING, verified, ceiling),
+            (PLUGIN_OVER_NAIVE, plugin, naive),
+        ):
+            value = measured.instances_per_second / reference.instances_per_second
+            results.ratio(condition, name, ratio, value)
         log.info(
             "%s %s run %d: naive %.0f/s, ceiling %.0f/s, ceiling+md5 %.0f/s, plugin %.0f/s",
             condition,
