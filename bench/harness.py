@@ -14,7 +14,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,47 @@ class ServiceCpu:
             times = process.cpu_times()
             readings[role] = times.user + times.system
         return readings
+
+
+class NotEnoughCores(RuntimeError):
+    """The services cannot have a core of their own: this process may run on fewer than two CPUs."""
+
+
+def _pin_threads(pid: int, cpus: set[int]) -> None:
+    """Let every thread of process ``pid`` run only on ``cpus`` (a thread that has just ended is skipped)."""
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(thread), cpus)
+        except ProcessLookupError:
+            continue
+
+
+@contextmanager
+def cores_apart(service_pids: Iterable[int]) -> Iterator[tuple[set[int], set[int]]]:
+    """Give the services a core of their own for the duration: as if they ran on another machine.
+
+    Every thread of the services' processes and of their children runs on this process's last
+    CPU; every thread of this process (and so every thread and child it starts later) runs on the
+    others. This process's threads may use all its CPUs again afterwards; the services are left
+    pinned (they are stopped after a benchmark condition).
+
+    :param service_pids: the services' process ids.
+    :return: ``(services' CPUs, this process's CPUs)``.
+    :raises NotEnoughCores: this process may run on fewer than two CPUs.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise NotEnoughCores(f"the services need a core of their own, and this process may use {len(cpus)}")
+    service_cpus, own_cpus = {cpus[-1]}, set(cpus[:-1])
+    processes = [psutil.Process(pid) for pid in service_pids]
+    children = [child for parent in processes for child in parent.children(recursive=True)]
+    for process in [*processes, *children]:
+        _pin_threads(process.pid, service_cpus)
+    _pin_threads(os.getpid(), own_cpus)
+    try:
+        yield service_cpus, own_cpus
+    finally:
+        _pin_threads(os.getpid(), set(cpus))
 
 
 @dataclass

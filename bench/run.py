@@ -3,8 +3,10 @@
 ``make bench`` runs ``python -m bench``. Sections:
 
 - ``uploads``: for each network condition (loopback as is; an emulated WAN, the sandbox's
-  delaying proxies adding ``--wan-rtt-ms`` round trip in front of its API and its store) and each
-  dataset, interleaved runs of
+  delaying proxies adding ``--wan-rtt-ms`` round trip in front of its API and its store; and
+  ``split``, loopback with the sandbox on a core of its own and the uploader on the others, as if
+  the vendor's stand-in ran on another machine: no target is set for it, it shows how much of a
+  gap comes from sharing the cores) and each dataset, interleaved runs of
 
   - ``naive``: a sequential loop of plain ``requests`` presign + PUT calls (on a sample of at
     most ``--naive-max-instances``: a sequential loop's rate does not depend on how many it sends);
@@ -15,9 +17,9 @@
     it shows what the integrity check alone costs);
   - ``plugin``: the product's upload path (plan recorded in a fresh ledger, then the upload
     task's engine: hook, ledger writes, metadata PATCH, progress);
-  - on the ``--dag-dataset`` instead: the ceiling, ``dag``, the whole ``airflow dags test`` of
-    the benchmark site, and ``dag-empty``, the same over an empty staging area (the fixed cost
-    of a run);
+  - on the ``--dag-dataset`` instead (not under ``split``): the ceiling, ``dag``, the whole
+    ``airflow dags test`` of the benchmark site, and ``dag-empty``, the same over an empty
+    staging area (the fixed cost of a run);
 
   with wall time, instances/s, MB/s and CPU seconds of the uploader and of the sandbox;
 - ``memory``: peak RSS growth of the product while it uploads one ``--large-instance`` (sparse);
@@ -53,9 +55,11 @@ from typing import TYPE_CHECKING, Any
 from bench.datasets import DatasetSpec, StagedDataset, format_size, parse_size, write_dataset
 from bench.harness import (
     Column,
+    NotEnoughCores,
     Sample,
     ServiceCpu,
     ServiceWindow,
+    cores_apart,
     machine_description,
     markdown_table,
     median,
@@ -73,7 +77,8 @@ log = logging.getLogger("bench")
 
 LOOPBACK = "loopback"
 WAN = "wan"
-CONDITIONS = (LOOPBACK, WAN)
+SPLIT = "split"
+CONDITIONS = (LOOPBACK, WAN, SPLIT)
 NAIVE, CEILING, CEILING_MD5, PLUGIN = "naive", "ceiling", "ceiling+md5", "plugin"
 DAG, DAG_EMPTY = "dag", "dag-empty"
 SECTIONS = ("uploads", "memory", "scan", "parse", "ledger")
@@ -287,7 +292,7 @@ class UploadResults:
 class ConditionContext:
     """Everything the samples of one network condition share.
 
-    :param condition: ``loopback`` or ``wan``.
+    :param condition: one of :data:`CONDITIONS`.
     :param sandbox: the running sandbox.
     :param api: its API and credentials.
     :param services: its processes' CPU clocks.
@@ -537,7 +542,10 @@ def condition_sandbox(
 ) -> Iterator[Sandbox]:
     """Yield the sandbox of a condition: ``given`` for loopback when there is one, else a new one.
 
-    The benchmark's clocks are set for the duration (and restored on a given sandbox).
+    The benchmark's clocks are set for the duration (and restored on a given sandbox). Under
+    ``split`` the new sandbox gets a core of its own and this process the others.
+
+    :raises NotEnoughCores: ``split`` on a process that may use only one CPU.
     """
     from dicom_ingest_sandbox.testing import running_sandbox
 
@@ -549,7 +557,11 @@ def condition_sandbox(
     latency = {}
     if condition == WAN:
         latency = {"latency_ms": options.wan_rtt_ms, "latency_model": options.wan_model}
-    with running_sandbox(work / "sandbox", **clocks, **latency) as sandbox:
+    with ExitStack() as stack:
+        sandbox = stack.enter_context(running_sandbox(work / "sandbox", **clocks, **latency))
+        if condition == SPLIT:
+            services = service_processes(sandbox).processes.values()
+            stack.enter_context(cores_apart(process.pid for process in services))
         yield sandbox
 
 
@@ -570,44 +582,60 @@ def measure_uploads(
 ) -> UploadResults:
     """Run the upload section under every condition."""
     from bench.clients import VendorApi
-    from bench.dag import AirflowBench
 
     results = UploadResults(quiet_period=options.quiet_period)
-    empty_staging = work / "empty-staging"
-    empty_staging.mkdir(parents=True, exist_ok=True)
     for condition in options.conditions:
         condition_work = work / condition
         condition_work.mkdir(parents=True, exist_ok=True)
-        with condition_sandbox(condition, options, condition_work, given) as sandbox:
-            api = VendorApi(sandbox.base_url, sandbox.client_id, sandbox.client_secret)
-            context = ConditionContext(
-                condition,
-                sandbox,
-                api,
-                service_processes(sandbox),
-                options.upload_concurrency,
-                condition_work,
-                results,
-            )
-            for dataset in staged:
-                _measure_or_record(
-                    results, condition, dataset, partial(measure_dataset, context, dataset, options)
-                )
-            if dag_staged is not None:
-                context.airflow = AirflowBench(
-                    condition_work / "airflow-home",
-                    api,
-                    upload_concurrency=context.site_concurrency,
-                    poke_interval=options.poke_interval,
-                )
-                context.airflow.migrate(empty_staging)
-                _measure_or_record(
-                    results,
+        try:
+            with condition_sandbox(condition, options, condition_work, given) as sandbox:
+                context = ConditionContext(
                     condition,
-                    dag_staged,
-                    partial(measure_dag_dataset, context, dag_staged, options, empty_staging),
+                    sandbox,
+                    VendorApi(sandbox.base_url, sandbox.client_id, sandbox.client_secret),
+                    service_processes(sandbox),
+                    options.upload_concurrency,
+                    condition_work,
+                    results,
                 )
+                measure_condition(context, staged, None if condition == SPLIT else dag_staged, options, work)
+        except NotEnoughCores as error:
+            log.warning("The %s condition is not measured: %s", condition, error)
+            results.failures[condition] = f"not measured: {error}"
     return results
+
+
+def measure_condition(
+    context: ConditionContext,
+    staged: Sequence[StagedDataset],
+    dag_staged: StagedDataset | None,
+    options: Options,
+    work: Path,
+) -> None:
+    """Measure every dataset, then the whole DAG (when ``dag_staged`` is given), under one condition."""
+    from bench.dag import AirflowBench
+
+    for dataset in staged:
+        _measure_or_record(
+            context.results, context.condition, dataset, partial(measure_dataset, context, dataset, options)
+        )
+    if dag_staged is None:
+        return
+    empty_staging = work / "empty-staging"
+    empty_staging.mkdir(parents=True, exist_ok=True)
+    context.airflow = AirflowBench(
+        context.work / "airflow-home",
+        context.api,
+        upload_concurrency=context.site_concurrency,
+        poke_interval=options.poke_interval,
+    )
+    context.airflow.migrate(empty_staging)
+    _measure_or_record(
+        context.results,
+        context.condition,
+        dag_staged,
+        partial(measure_dag_dataset, context, dag_staged, options, empty_staging),
+    )
 
 
 def _measure_or_record(
@@ -813,6 +841,8 @@ class Report:
                 f"processing {options.processing_time:g} s; "
                 f"WAN = {options.wan_rtt_ms:g} ms round trip added in front of the API and the store "
                 f"({options.wan_model} model); "
+                "split = loopback with the sandbox's processes on the last CPU and the uploader on "
+                "the others (no target); "
                 f"the site's upload_concurrency {options.upload_concurrency}; "
                 f"naive runs on at most {options.naive_max_instances} instances, the sweep on at most "
                 f"{options.sweep_max_instances}.",
@@ -964,7 +994,9 @@ PARSE_TARGET = Target("< 2", lambda value: value < 2)
 
 
 def _ratio_target(condition: str, name: str) -> Target | None:
-    """Return a ratio's target, or ``None`` when the issue sets none (plugin/naive on loopback...)."""
+    """Return a ratio's target, or ``None`` when the issue sets none (plugin/naive on loopback, split...)."""
+    if condition == SPLIT:
+        return None
     if name == PLUGIN_OVER_CEILING:
         return AT_LEAST_NINE_TENTHS
     if name == PLUGIN_OVER_NAIVE and condition == WAN:

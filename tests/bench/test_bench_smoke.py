@@ -5,6 +5,7 @@ No speed is asserted: the numbers go to BENCHMARKS.md, not to tests.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,6 +27,7 @@ from bench.run import (
     PLUGIN_OVER_CEILING,
     PLUGIN_OVER_CEILING_MD5,
     PLUGIN_OVER_NAIVE,
+    SPLIT,
     WAN,
     Options,
     Report,
@@ -114,3 +116,41 @@ def test_the_wan_condition_runs_every_method_through_the_delaying_proxies() -> N
     for row in rows.values():
         assert float(row[6].replace(",", "")) > 0
         assert row[10] != "—"  # the proxies' CPU is measured under the WAN condition
+
+
+def test_the_split_condition_measures_the_uploads_with_the_sandbox_on_its_own_core_and_sets_no_target() -> (
+    None
+):
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        pytest.skip(f"the split condition needs two CPUs; this process may use {len(cpus)}")
+    options = quick_options("--conditions", SPLIT, "--sections", "uploads")
+    report = run_quick(options)
+
+    rows = upload_rows_by_key(report)
+    assert set(rows) == {(SPLIT, spec.name, method) for spec in options.datasets for method in RAW_AND_PLUGIN}
+    for row in rows.values():
+        assert float(row[6].replace(",", "")) > 0
+    split_targets = [row for row in report.target_rows() if f"({SPLIT}, " in row[0]]
+    assert {row[0] for row in split_targets} >= {
+        f"{PLUGIN_OVER_CEILING} ({SPLIT}, {spec.name})" for spec in options.datasets
+    }
+    assert all(row[2:] == ["—", "—"] for row in split_targets)
+    assert os.sched_getaffinity(0) == cpus
+
+
+def test_the_split_condition_is_reported_as_not_measured_on_one_cpu() -> None:
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        options = quick_options("--conditions", SPLIT, "--sections", "uploads")
+        with tempfile.TemporaryDirectory(prefix="dicom-ingest-bench-smoke-") as scratch:
+            report = run_benchmarks(replace(options, dag_dataset=None), Path(scratch))
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+    assert report.uploads is not None and not report.uploads.samples
+    assert report.all_failures() == {
+        f"uploads ({SPLIT})": "not measured: the services need a core of "
+        "their own, and this process may use 1"
+    }
