@@ -96,8 +96,8 @@ class ServiceCpu:
         return readings
 
 
-class NotEnoughCores(RuntimeError):
-    """The services cannot have a core of their own: this process may run on fewer than two CPUs."""
+class CannotSplitCores(RuntimeError):
+    """The services cannot have a core of their own here (fewer than two CPUs, or not Linux)."""
 
 
 def _pin_threads(pid: int, cpus: set[int]) -> None:
@@ -120,11 +120,16 @@ def cores_apart(service_pids: Iterable[int]) -> Iterator[tuple[set[int], set[int
 
     :param service_pids: the services' process ids.
     :return: ``(services' CPUs, this process's CPUs)``.
-    :raises NotEnoughCores: this process may run on fewer than two CPUs.
+    :raises CannotSplitCores: this process may run on fewer than two CPUs, or the system has no
+        per-thread CPU affinity (not Linux).
     """
+    if not hasattr(os, "sched_getaffinity") or not Path("/proc/self/task").is_dir():
+        raise CannotSplitCores(
+            "the services need a core of their own, which takes Linux's per-thread CPU affinity"
+        )
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
-        raise NotEnoughCores(f"the services need a core of their own, and this process may use {len(cpus)}")
+        raise CannotSplitCores(f"the services need a core of their own, and this process may use {len(cpus)}")
     service_cpus, own_cpus = {cpus[-1]}, set(cpus[:-1])
     processes = [psutil.Process(pid) for pid in service_pids]
     children = [child for parent in processes for child in parent.children(recursive=True)]

@@ -54,8 +54,8 @@ from typing import TYPE_CHECKING, Any
 
 from bench.datasets import DatasetSpec, StagedDataset, format_size, parse_size, write_dataset
 from bench.harness import (
+    CannotSplitCores,
     Column,
-    NotEnoughCores,
     Sample,
     ServiceCpu,
     ServiceWindow,
@@ -545,7 +545,7 @@ def condition_sandbox(
     The benchmark's clocks are set for the duration (and restored on a given sandbox). Under
     ``split`` the new sandbox gets a core of its own and this process the others.
 
-    :raises NotEnoughCores: ``split`` on a process that may use only one CPU.
+    :raises CannotSplitCores: ``split`` where the cores cannot be split (one CPU, or not Linux).
     """
     from dicom_ingest_sandbox.testing import running_sandbox
 
@@ -599,7 +599,7 @@ def measure_uploads(
                     results,
                 )
                 measure_condition(context, staged, None if condition == SPLIT else dag_staged, options, work)
-        except NotEnoughCores as error:
+        except CannotSplitCores as error:
             log.warning("The %s condition is not measured: %s", condition, error)
             results.failures[condition] = f"not measured: {error}"
     return results
@@ -612,7 +612,14 @@ def measure_condition(
     options: Options,
     work: Path,
 ) -> None:
-    """Measure every dataset, then the whole DAG (when ``dag_staged`` is given), under one condition."""
+    """Measure every dataset, then the whole DAG (when ``dag_staged`` is given), under one condition.
+
+    :param context: the condition's sandbox, clocks and results.
+    :param staged: the upload datasets.
+    :param dag_staged: the whole-DAG dataset, or ``None`` to skip that figure.
+    :param options: what to measure.
+    :param work: the upload section's scratch folder (the empty staging area of the DAG runs goes there).
+    """
     from bench.dag import AirflowBench
 
     for dataset in staged:

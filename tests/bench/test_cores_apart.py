@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from bench.harness import NotEnoughCores, cores_apart
+from bench.harness import CannotSplitCores, cores_apart
 
 SERVICE_SCRIPT = """
 import subprocess, sys, threading, time
@@ -82,7 +82,7 @@ def test_one_cpu_is_refused_before_anything_is_pinned(service: tuple[int, int], 
     before = thread_affinities(service_pid)
     os.sched_setaffinity(0, {min(all_cpus)})
 
-    with pytest.raises(NotEnoughCores, match="may use 1"), cores_apart([service_pid]):
+    with pytest.raises(CannotSplitCores, match="may use 1"), cores_apart([service_pid]):
         pass
 
     assert thread_affinities(service_pid) == before
