@@ -33,6 +33,8 @@ from dicom_ingest_sandbox.config import UPLOAD_CONTENT_TYPE, bracketed, url_host
 
 BUCKET = "ingest"
 UPLOAD_PREFIX = "uploads/"
+KEY_FOLDER_DIGITS = 2
+"""Hex digits of an upload key's folder under :data:`UPLOAD_PREFIX` (256 folders)."""
 REGION = "us-east-1"
 _STARTED_LINE = re.compile(r"Starting s3 server on \[\S*?:(\d+)/?\]")
 _PR_SET_PDEATHSIG = 1
@@ -244,8 +246,16 @@ class Presigner:
 
     @staticmethod
     def new_key() -> str:
-        """Return a fresh object key."""
-        return f"{UPLOAD_PREFIX}{uuid.uuid4()}.dcm"
+        """Return a fresh object key: ``uploads/<two hex digits>/<uuid4>.dcm``.
+
+        The keys are spread over 256 folders by their UUID's first two hex digits. rclone keeps
+        the bucket as plain folders, and a PUT costs it more the more files the folder already
+        holds: with one flat folder its CPU per 5,000 PUTs of 100 KiB grew from 6.5 s to 19.1 s
+        as the bucket filled to 20,000 objects, while spread over 256 folders it stayed at 6-7 s.
+        S3 does not slow down as a bucket fills, so neither should its stand-in.
+        """
+        name = uuid.uuid4()
+        return f"{UPLOAD_PREFIX}{name.hex[:KEY_FOLDER_DIGITS]}/{name}.dcm"
 
     def presign_put(self, key: str, ttl_seconds: int) -> str:
         """Return a URL that accepts one PUT of ``key`` for ``ttl_seconds``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -37,6 +38,11 @@ def assert_only_stored(sandbox: Sandbox, token: str, refused_key: str) -> None:
 def test_upload_answers_a_presigned_put_url_for_a_new_key_each_time(sandbox: Sandbox, token: str) -> None:
     first, second = presign(sandbox, token), presign(sandbox, token)
     assert first["key"] != second["key"]
+    for key in (first["key"], second["key"]):
+        match = re.fullmatch(r"uploads/([0-9a-f]{2})/([0-9a-f-]{36})\.dcm", key)
+        assert match is not None, key
+        folder, name = match.groups()
+        assert name.replace("-", "").startswith(folder)
     assert first["expires_in"] == 900
     for answer in (first, second):
         url = urlsplit(answer["url"])
