@@ -118,9 +118,7 @@ def test_the_wan_condition_runs_every_method_through_the_delaying_proxies() -> N
         assert row[10] != "—"  # the proxies' CPU is measured under the WAN condition
 
 
-def test_the_split_condition_measures_the_uploads_with_the_sandbox_on_its_own_core_and_sets_no_target() -> (
-    None
-):
+def test_the_split_condition_measures_every_upload_row_and_sets_no_target() -> None:
     cpus = os.sched_getaffinity(0)
     if len(cpus) < 2:
         pytest.skip(f"the split condition needs two CPUs; this process may use {len(cpus)}")
