@@ -15,11 +15,15 @@
   - ``ceiling+md5``: the same client with the same threads, also hashing each body as it streams
     and checking the store's ETag against it (what any client that checks what arrived must do;
     it shows what the integrity check alone costs);
+  - ``ceiling+md5@limit``: the hashing client kept to the vendor's limit of parallel uploads (the
+    site's ``upload_concurrency``), with the sweep's best thread count within it: all that the
+    design and the vendor's contract ask of a client, and nothing else. It is run only when the
+    sweep's best is above the limit; otherwise it is ``ceiling+md5`` itself;
   - ``plugin``: the product's upload path (plan recorded in a fresh ledger, then the upload
     task's engine: hook, ledger writes, metadata PATCH, progress);
-  - on the ``--dag-dataset`` instead (not under ``split``): the ceiling, ``dag``, the whole
-    ``airflow dags test`` of the benchmark site, and ``dag-empty``, the same over an empty
-    staging area (the fixed cost of a run);
+  - on the ``--dag-dataset`` instead (not under ``split``): the ceiling, ``ceiling+md5@limit``,
+    ``dag``, the whole ``airflow dags test`` of the benchmark site, and ``dag-empty``, the same
+    over an empty staging area (the fixed cost of a run);
 
   with wall time, instances/s, MB/s and CPU seconds of the uploader and of the sandbox;
 - ``memory``: peak RSS growth of the product while it uploads one ``--large-instance`` (sparse);
@@ -82,6 +86,8 @@ CONDITIONS = (LOOPBACK, WAN, SPLIT)
 DAG_CONDITIONS = (LOOPBACK, WAN)
 """The conditions under which the whole DAG is measured (the issue's two)."""
 NAIVE, CEILING, CEILING_MD5, PLUGIN = "naive", "ceiling", "ceiling+md5", "plugin"
+CEILING_MD5_AT_LIMIT = "ceiling+md5@limit"
+"""The hashing client kept to the vendor's limit of parallel uploads (the site's upload_concurrency)."""
 DAG, DAG_EMPTY = "dag", "dag-empty"
 SECTIONS = ("uploads", "memory", "scan", "parse", "ledger")
 
@@ -90,8 +96,11 @@ PLUGIN_OVER_NAIVE = "plugin/naive"
 PLUGIN_OVER_CEILING_MD5 = "plugin/(ceiling+md5)"
 CEILING_MD5_OVER_CEILING = "(ceiling+md5)/ceiling"
 """How close a raw client that also does the design's MD5 check comes to the unhashed ceiling."""
+PLUGIN_OVER_AT_LIMIT = "plugin/(ceiling+md5@limit)"
+"""The product against a raw client doing only what the design and the vendor's contract require."""
 DAG_OVER_CEILING = "dag/ceiling"
 DAG_WALL_OVER_LIMIT = "dag wall / (1.3 x ceiling wall + quiet period)"
+DAG_WALL_OVER_AT_LIMIT = "dag wall / (1.3 x (ceiling+md5@limit) wall + quiet period)"
 DAG_WALL_FACTOR = 1.3
 
 SETTLE_SECONDS_PER_OBJECT = 0.05
@@ -390,12 +399,20 @@ def naive_sample(context: ConditionContext, dataset: StagedDataset, limit: int) 
 
 
 def ceiling_sample(
-    context: ConditionContext, files: Sequence[Any], workers: int, *, verify: bool = False
+    context: ConditionContext,
+    files: Sequence[Any],
+    workers: int,
+    *,
+    verify: bool = False,
+    method: str | None = None,
 ) -> Sample:
-    """Measure the pooled thread-pool client with ``workers`` threads (``verify``: hashing, ETag checked)."""
+    """Measure the pooled thread-pool client with ``workers`` threads (``verify``: hashing, ETag checked).
+
+    :param method: the sample's name; ``ceiling`` or ``ceiling+md5`` (by ``verify``) when omitted.
+    """
     from bench.clients import pooled_upload
 
-    method = CEILING_MD5 if verify else CEILING
+    method = method or (CEILING_MD5 if verify else CEILING)
     return _raw_sample(
         context, method, files, lambda: pooled_upload(context.api, files, workers, verify=verify), workers
     )
@@ -477,31 +494,56 @@ def best_ceiling_workers(context: ConditionContext, dataset: StagedDataset, opti
     return best
 
 
+def workers_within_limit(context: ConditionContext, dataset: StagedDataset) -> int:
+    """Return the sweep's best thread count within the vendor's limit (the limit itself if none is).
+
+    :param context: the condition, whose sweep of ``dataset`` has been made.
+    :param dataset: the dataset swept.
+    """
+    sweep = context.results.sweeps[(context.condition, dataset.spec.name)]
+    allowed = [sample for sample in sweep if sample.workers <= context.site_concurrency]
+    if not allowed:
+        return context.site_concurrency
+    return max(allowed, key=lambda sample: sample.instances_per_second).workers
+
+
+def at_limit_sample(context: ConditionContext, files: Sequence[Any], workers: int) -> Sample:
+    """Measure ``ceiling+md5`` with ``workers`` threads, within the vendor's limit."""
+    return ceiling_sample(context, files, workers, verify=True, method=CEILING_MD5_AT_LIMIT)
+
+
 def measure_dataset(context: ConditionContext, dataset: StagedDataset, options: Options) -> None:
     """Run every upload method ``options.runs`` times, interleaved, keeping each run's ratios."""
     condition, name, results = context.condition, dataset.spec.name, context.results
     workers = best_ceiling_workers(context, dataset, options)
+    limited_workers = workers_within_limit(context, dataset)
     for run in range(1, options.runs + 1):
         naive = results.add(condition, name, naive_sample(context, dataset, options.naive_max_instances))
         ceiling = results.add(condition, name, ceiling_sample(context, dataset.files, workers))
         verified = results.add(condition, name, ceiling_sample(context, dataset.files, workers, verify=True))
+        limited = verified
+        if limited_workers != workers:
+            limited = results.add(condition, name, at_limit_sample(context, dataset.files, limited_workers))
         plugin = results.add(condition, name, plugin_sample(context, dataset))
         for ratio, measured, reference in (
             (PLUGIN_OVER_CEILING, plugin, ceiling),
             (PLUGIN_OVER_CEILING_MD5, plugin, verified),
             (CEILING_MD5_OVER_CEILING, verified, ceiling),
+            (PLUGIN_OVER_AT_LIMIT, plugin, limited),
             (PLUGIN_OVER_NAIVE, plugin, naive),
         ):
             value = measured.instances_per_second / reference.instances_per_second
             results.ratio(condition, name, ratio, value)
         log.info(
-            "%s %s run %d: naive %.0f/s, ceiling %.0f/s, ceiling+md5 %.0f/s, plugin %.0f/s",
+            "%s %s run %d: naive %.0f/s, ceiling %.0f/s, ceiling+md5 %.0f/s, %s %.0f/s, plugin %.0f/s",
             condition,
             name,
             run,
             naive.instances_per_second,
             ceiling.instances_per_second,
             verified.instances_per_second,
+            limited.method,
+            limited.instances_per_second,
             plugin.instances_per_second,
         )
 
@@ -509,29 +551,44 @@ def measure_dataset(context: ConditionContext, dataset: StagedDataset, options: 
 def measure_dag_dataset(
     context: ConditionContext, dataset: StagedDataset, options: Options, empty_staging: Path
 ) -> None:
-    """Run DAG runs over an empty staging area and over the dataset, each between two ceiling runs.
+    """Run DAG runs over an empty staging area and over the dataset, each between two reference runs.
 
-    Each DAG run's ratios use the mean of the ceiling runs just before and just after it, so a
-    machine that gets slower or faster for a few minutes moves both sides of the ratio alike.
+    The references are the ceiling and ``ceiling+md5@limit``. Each DAG run's ratios use the mean
+    of the reference runs just before and just after it, so a machine that gets slower or faster
+    for a few minutes moves both sides of the ratio alike.
     """
     condition, name, results = context.condition, dataset.spec.name, context.results
     workers = best_ceiling_workers(context, dataset, options)
-    before = results.add(condition, name, ceiling_sample(context, dataset.files, workers))
+    limited_workers = workers_within_limit(context, dataset)
+
+    def references() -> tuple[Sample, Sample]:
+        ceiling = results.add(condition, name, ceiling_sample(context, dataset.files, workers))
+        return ceiling, results.add(condition, name, at_limit_sample(context, dataset.files, limited_workers))
+
+    before = references()
     for run in range(1, options.runs + 1):
         empty = results.add(condition, name, dag_sample(context, empty_staging, None))
         dag = results.add(condition, name, dag_sample(context, dataset.root, dataset.spec))
-        after = results.add(condition, name, ceiling_sample(context, dataset.files, workers))
-        ceiling_seconds = (before.seconds + after.seconds) / 2
+        after = references()
+        ceiling_seconds, limited_seconds = (
+            (first.seconds + last.seconds) / 2 for first, last in zip(before, after, strict=True)
+        )
         results.ratio(condition, name, DAG_OVER_CEILING, ceiling_seconds / dag.seconds)
-        limit = DAG_WALL_FACTOR * ceiling_seconds + results.quiet_period
-        results.ratio(condition, name, DAG_WALL_OVER_LIMIT, dag.seconds / limit)
+        for ratio, reference_seconds in (
+            (DAG_WALL_OVER_LIMIT, ceiling_seconds),
+            (DAG_WALL_OVER_AT_LIMIT, limited_seconds),
+        ):
+            limit = DAG_WALL_FACTOR * reference_seconds + results.quiet_period
+            results.ratio(condition, name, ratio, dag.seconds / limit)
         log.info(
-            "%s %s run %d: ceiling %.1f s before and %.1f s after, empty DAG run %.1f s, DAG run %.1f s",
+            "%s %s run %d: ceiling %.1f s, %s %.1f s (means of the runs before and after), "
+            "empty DAG run %.1f s, DAG run %.1f s",
             condition,
             name,
             run,
-            before.seconds,
-            after.seconds,
+            ceiling_seconds,
+            CEILING_MD5_AT_LIMIT,
+            limited_seconds,
             empty.seconds,
             dag.seconds,
         )
@@ -855,6 +912,8 @@ class Report:
                 "split = loopback with the sandbox's processes on the last CPU and the uploader on "
                 "the others (no target); "
                 f"the site's upload_concurrency {options.upload_concurrency}; "
+                f"{CEILING_MD5_AT_LIMIT} = ceiling+md5 with the sweep's best thread count within "
+                "that limit (the vendor allows 20 parallel uploads), run only where the best is above it; "
                 f"naive runs on at most {options.naive_max_instances} instances, the sweep on at most "
                 f"{options.sweep_max_instances}.",
                 "",

@@ -16,14 +16,18 @@ import pytest
 from bench.run import (
     CEILING,
     CEILING_MD5,
+    CEILING_MD5_AT_LIMIT,
     CEILING_MD5_OVER_CEILING,
     DAG,
     DAG_EMPTY,
     DAG_OVER_CEILING,
+    DAG_WALL_FACTOR,
+    DAG_WALL_OVER_AT_LIMIT,
     DAG_WALL_OVER_LIMIT,
     LOOPBACK,
     NAIVE,
     PLUGIN,
+    PLUGIN_OVER_AT_LIMIT,
     PLUGIN_OVER_CEILING,
     PLUGIN_OVER_CEILING_MD5,
     PLUGIN_OVER_NAIVE,
@@ -59,15 +63,29 @@ def upload_rows_by_key(report: Report) -> dict[tuple[str, str, str], Sequence[st
     return {(row[0], row[1], row[2]): row for row in report.upload_rows()}
 
 
+def expected_upload_rows(report: Report, condition: str, options: Options) -> set[tuple[str, str, str]]:
+    """Return the upload rows of every dataset: the raw clients and the plugin, and the hashing
+    client kept to the vendor's limit where the sweep's best thread count is above it."""
+    assert report.uploads is not None
+    expected = set()
+    for spec in options.datasets:
+        expected |= {(condition, spec.name, method) for method in RAW_AND_PLUGIN}
+        sweep = report.uploads.sweeps[(condition, spec.name)]
+        if max(sweep, key=lambda sample: sample.instances_per_second).workers > options.upload_concurrency:
+            expected.add((condition, spec.name, CEILING_MD5_AT_LIMIT))
+    return expected
+
+
 def test_the_quick_harness_fills_every_row_of_every_section(sandbox: Sandbox) -> None:
     options = quick_options("--conditions", LOOPBACK)
     report = run_quick(options, sandbox)
 
     assert options.dag_dataset is not None
-    expected_uploads = {
-        (LOOPBACK, spec.name, method) for spec in options.datasets for method in RAW_AND_PLUGIN
+    expected_uploads = expected_upload_rows(report, LOOPBACK, options)
+    expected_uploads |= {
+        (LOOPBACK, options.dag_dataset.name, method)
+        for method in (CEILING, CEILING_MD5_AT_LIMIT, DAG_EMPTY, DAG)
     }
-    expected_uploads |= {(LOOPBACK, options.dag_dataset.name, method) for method in (CEILING, DAG_EMPTY, DAG)}
     rows = upload_rows_by_key(report)
     assert set(rows) == expected_uploads
     for (_, _, method), row in rows.items():
@@ -89,8 +107,16 @@ def test_the_quick_harness_fills_every_row_of_every_section(sandbox: Sandbox) ->
             for raw, hashing in zip(raw_runs, hashing_runs, strict=True)
         ]
         assert report.uploads.ratios[(LOOPBACK, spec.name, CEILING_MD5_OVER_CEILING)] == hashing_over_raw
-    for ratio in (DAG_OVER_CEILING, DAG_WALL_OVER_LIMIT):
+        assert f"{PLUGIN_OVER_AT_LIMIT} ({LOOPBACK}, {spec.name})" in figures
+    for ratio in (DAG_OVER_CEILING, DAG_WALL_OVER_LIMIT, DAG_WALL_OVER_AT_LIMIT):
         assert f"{ratio} ({LOOPBACK}, {options.dag_dataset.name})" in figures
+    assert report.uploads is not None
+    dag_samples = report.uploads.samples
+    dag_key = (LOOPBACK, options.dag_dataset.name)
+    limited = [sample.seconds for sample in dag_samples[(*dag_key, CEILING_MD5_AT_LIMIT)]]
+    dag_seconds = dag_samples[(*dag_key, DAG)][0].seconds
+    allowed = DAG_WALL_FACTOR * (limited[0] + limited[1]) / 2 + options.quiet_period
+    assert report.uploads.ratios[(*dag_key, DAG_WALL_OVER_AT_LIMIT)] == [dag_seconds / allowed]
     assert any(figure.startswith("peak RSS growth") for figure in figures)
     assert any(figure.startswith("scan files/s") for figure in figures)
     assert any(figure.startswith("DAG-file parse time") for figure in figures)
@@ -107,12 +133,33 @@ def test_the_quick_harness_fills_every_row_of_every_section(sandbox: Sandbox) ->
         assert f"### {heading}" in text
 
 
+def test_the_hashing_client_is_kept_to_the_vendors_limit_when_the_sweep_picks_more_threads() -> None:
+    options = quick_options(
+        "--conditions", LOOPBACK, "--sections", "uploads", "--sweep", "8", "--upload-concurrency", "4"
+    )
+    report = run_quick(replace(options, dag_dataset=None))
+
+    assert report.uploads is not None
+    rows = upload_rows_by_key(report)
+    for spec in options.datasets:
+        limited_row = rows[(LOOPBACK, spec.name, CEILING_MD5_AT_LIMIT)]
+        assert limited_row[3] == "4"
+        assert rows[(LOOPBACK, spec.name, CEILING_MD5)][3] == "8"
+        plugin_runs = report.uploads.samples[(LOOPBACK, spec.name, PLUGIN)]
+        limited_runs = report.uploads.samples[(LOOPBACK, spec.name, CEILING_MD5_AT_LIMIT)]
+        expected = [
+            plugin.instances_per_second / limited.instances_per_second
+            for plugin, limited in zip(plugin_runs, limited_runs, strict=True)
+        ]
+        assert report.uploads.ratios[(LOOPBACK, spec.name, PLUGIN_OVER_AT_LIMIT)] == expected
+
+
 def test_the_wan_condition_runs_every_method_through_the_delaying_proxies() -> None:
     options = quick_options("--conditions", WAN, "--sections", "uploads", "--wan-rtt-ms", "10")
     report = run_quick(replace(options, dag_dataset=None))
 
     rows = upload_rows_by_key(report)
-    assert set(rows) == {(WAN, spec.name, method) for spec in options.datasets for method in RAW_AND_PLUGIN}
+    assert set(rows) == expected_upload_rows(report, WAN, options)
     for row in rows.values():
         assert float(row[6].replace(",", "")) > 0
         assert row[10] != "—"  # the proxies' CPU is measured under the WAN condition
@@ -126,7 +173,7 @@ def test_the_split_condition_measures_every_upload_row_and_sets_no_target() -> N
     report = run_quick(options)
 
     rows = upload_rows_by_key(report)
-    assert set(rows) == {(SPLIT, spec.name, method) for spec in options.datasets for method in RAW_AND_PLUGIN}
+    assert set(rows) == expected_upload_rows(report, SPLIT, options)
     for row in rows.values():
         assert float(row[6].replace(",", "")) > 0
     split_targets = [row for row in report.target_rows() if f"({SPLIT}, " in row[0]]
