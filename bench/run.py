@@ -542,7 +542,7 @@ def measure_dataset(context: ConditionContext, dataset: StagedDataset, options: 
             naive.instances_per_second,
             ceiling.instances_per_second,
             verified.instances_per_second,
-            limited.method,
+            CEILING_MD5_AT_LIMIT,
             limited.instances_per_second,
             plugin.instances_per_second,
         )
