@@ -63,6 +63,17 @@ def upload_rows_by_key(report: Report) -> dict[tuple[str, str, str], Sequence[st
     return {(row[0], row[1], row[2]): row for row in report.upload_rows()}
 
 
+def rate_quotients(report: Report, key: tuple[str, str], measured: str, reference: str) -> list[float]:
+    """Return, run by run, the measured method's instances/s divided by the reference's."""
+    assert report.uploads is not None
+    return [
+        top.instances_per_second / bottom.instances_per_second
+        for top, bottom in zip(
+            report.uploads.samples[(*key, measured)], report.uploads.samples[(*key, reference)], strict=True
+        )
+    ]
+
+
 def expected_upload_rows(report: Report, condition: str, options: Options) -> set[tuple[str, str, str]]:
     """Return the upload rows of every dataset: the raw clients and the plugin, and the hashing
     client kept to the vendor's limit where the sweep's best thread count is above it."""
@@ -94,23 +105,18 @@ def test_the_quick_harness_fills_every_row_of_every_section(sandbox: Sandbox) ->
 
     assert len(report.sweep_rows()) == (len(options.datasets) + 1) * len(options.sweep)
     figures = [row[0] for row in report.target_rows()]
+    assert report.uploads is not None
     for spec in options.datasets:
         assert f"{PLUGIN_OVER_CEILING} ({LOOPBACK}, {spec.name})" in figures
         assert f"{PLUGIN_OVER_NAIVE} ({LOOPBACK}, {spec.name})" in figures
         assert f"{PLUGIN_OVER_CEILING_MD5} ({LOOPBACK}, {spec.name})" in figures
         assert f"{CEILING_MD5_OVER_CEILING} ({LOOPBACK}, {spec.name})" in figures
-        assert report.uploads is not None
-        raw_runs = report.uploads.samples[(LOOPBACK, spec.name, CEILING)]
-        hashing_runs = report.uploads.samples[(LOOPBACK, spec.name, CEILING_MD5)]
-        hashing_over_raw = [
-            hashing.instances_per_second / raw.instances_per_second
-            for raw, hashing in zip(raw_runs, hashing_runs, strict=True)
-        ]
-        assert report.uploads.ratios[(LOOPBACK, spec.name, CEILING_MD5_OVER_CEILING)] == hashing_over_raw
         assert f"{PLUGIN_OVER_AT_LIMIT} ({LOOPBACK}, {spec.name})" in figures
+        assert report.uploads.ratios[(LOOPBACK, spec.name, CEILING_MD5_OVER_CEILING)] == rate_quotients(
+            report, (LOOPBACK, spec.name), CEILING_MD5, CEILING
+        )
     for ratio in (DAG_OVER_CEILING, DAG_WALL_OVER_LIMIT, DAG_WALL_OVER_AT_LIMIT):
         assert f"{ratio} ({LOOPBACK}, {options.dag_dataset.name})" in figures
-    assert report.uploads is not None
     dag_samples = report.uploads.samples
     dag_key = (LOOPBACK, options.dag_dataset.name)
     limited = [sample.seconds for sample in dag_samples[(*dag_key, CEILING_MD5_AT_LIMIT)]]
@@ -145,13 +151,9 @@ def test_the_hashing_client_is_kept_to_the_vendors_limit_when_the_sweep_picks_mo
         limited_row = rows[(LOOPBACK, spec.name, CEILING_MD5_AT_LIMIT)]
         assert limited_row[3] == "4"
         assert rows[(LOOPBACK, spec.name, CEILING_MD5)][3] == "8"
-        plugin_runs = report.uploads.samples[(LOOPBACK, spec.name, PLUGIN)]
-        limited_runs = report.uploads.samples[(LOOPBACK, spec.name, CEILING_MD5_AT_LIMIT)]
-        expected = [
-            plugin.instances_per_second / limited.instances_per_second
-            for plugin, limited in zip(plugin_runs, limited_runs, strict=True)
-        ]
-        assert report.uploads.ratios[(LOOPBACK, spec.name, PLUGIN_OVER_AT_LIMIT)] == expected
+        assert report.uploads.ratios[(LOOPBACK, spec.name, PLUGIN_OVER_AT_LIMIT)] == rate_quotients(
+            report, (LOOPBACK, spec.name), PLUGIN, CEILING_MD5_AT_LIMIT
+        )
 
 
 def test_the_wan_condition_runs_every_method_through_the_delaying_proxies() -> None:
