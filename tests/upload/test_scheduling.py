@@ -24,7 +24,11 @@ def test_the_next_study_does_not_wait_behind_a_large_file(
     # The big file's upload only ends once the next study's last instance has started: an
     # uploader that held the next study back until the big file was done would never open it.
     big_file_done = vendor.gates[sop_uid(1, 0)] = threading.Event()
-    vendor.start_listeners.append(lambda sop: big_file_done.set() if sop == sop_uid(2, 2) else None)
+    # The other worker's first upload waits for the big file's to start, so a worker descheduled
+    # between taking the big file and starting it cannot see the next study start first.
+    big_file_started = vendor.gates[sop_uid(1, 1)] = threading.Event()
+    started_events = {sop_uid(1, 0): big_file_started, sop_uid(2, 2): big_file_done}
+    vendor.start_listeners.append(lambda sop: started_events[sop].set() if sop in started_events else None)
 
     result = make_uploader(concurrency=2).run([big_study, next_study])
 
